@@ -1,0 +1,179 @@
+"""Token shards on disk and the loader that feeds them to training, on one process or many.
+
+Shard format (the one llm.c uses, so its tools read our shards and ours read its): a header of
+256 little-endian int32 -- ``[MAGIC, version, n_tokens, 0, ...]`` -- then ``n_tokens`` tokens,
+uint16 for version 1 (vocabularies up to 65,536) and uint32 for version 2. Shards are
+memory-mapped, so a corpus much larger than RAM trains without loading it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+MAGIC = 20240520
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+_DTYPES = {1: np.uint16, 2: np.uint32}
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int]) -> Path:
+    """Write one shard atomically (temp file, then rename) so a killed run never leaves half a file."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**32):
+        raise ValueError(f"token ids must lie in [0, 2**32); got {tokens.min()}..{tokens.max()}")
+    version = 1 if tokens.size == 0 or tokens.max() < 2**16 else 2
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, version, tokens.size)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.dtype(_DTYPES[version]).newbyteorder("<")).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """Memory-map a shard's tokens; a foreign or truncated file is refused with its name."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"token shard {path} does not exist")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path} is not a token shard: {size} bytes is shorter than the header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, n_tokens = (int(x) for x in header[:3])
+    if magic != MAGIC or version not in _DTYPES:
+        raise ValueError(f"{path} is not a token shard (magic {magic}, version {version})")
+    dtype = np.dtype(_DTYPES[version]).newbyteorder("<")
+    expected = HEADER_BYTES + n_tokens * dtype.itemsize
+    if size != expected:
+        raise ValueError(
+            f"{path} is truncated or corrupt: header promises {n_tokens:,} tokens "
+            f"({expected:,} bytes) but the file has {size:,} bytes; delete it and re-tokenize"
+        )
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def tokenize_to_shards(
+    documents: Iterable[str],
+    encode_batch: Callable[[list[str]], list[list[int]]],
+    out_dir: str | os.PathLike,
+    *,
+    prefix: str,
+    eot: int,
+    shard_tokens: int = 100_000_000,
+    batch_docs: int = 256,
+    total_docs: int | None = None,
+) -> list[Path]:
+    """Tokenize documents into shards ``{prefix}_000000.bin``, ... each of ``shard_tokens`` tokens.
+
+    Every document starts with ``eot`` (GPT-2's convention), so the model learns where one ends
+    and the next begins. ``encode_batch`` does the parallel work: tiktoken's batch encoder runs
+    on all cores and releases the GIL.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = np.empty(shard_tokens, dtype=np.uint32)
+    filled, paths = 0, []
+    progress = tqdm(total=total_docs, unit="doc", desc=f"tokenizing {prefix}")
+
+    def flush(n: int) -> None:
+        paths.append(write_shard(out / f"{prefix}_{len(paths):06d}.bin", buffer[:n]))
+
+    def store(batch: list[str]) -> None:
+        nonlocal filled
+        for ids in encode_batch(batch):
+            ids = np.asarray([eot, *ids], dtype=np.uint32)
+            while ids.size:
+                take = min(ids.size, shard_tokens - filled)
+                buffer[filled:filled + take] = ids[:take]
+                filled, ids = filled + take, ids[take:]
+                if filled == shard_tokens:
+                    flush(filled)
+                    filled = 0
+        progress.update(len(batch))
+
+    batch: list[str] = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) == batch_docs:
+            store(batch)
+            batch = []
+    if batch:
+        store(batch)
+    if filled:
+        flush(filled)
+    progress.close()
+    return paths
+
+
+class ShardLoader:
+    """Serves (inputs, targets) batches of ``batch_size x block_size`` from a list of shards.
+
+    With ``world_size`` processes, rank r reads the r-th block of every ``world_size`` blocks,
+    so the ranks never see the same tokens and together sweep the data in order. The position
+    is two integers (shard, offset): :meth:`state_dict` saves it in a checkpoint and
+    :meth:`load_state_dict` puts a resumed run exactly where the killed one stopped.
+    """
+
+    def __init__(self, shards: Sequence[str | os.PathLike], batch_size: int, block_size: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if not shards:
+            raise ValueError("no token shards given; tokenize a corpus first")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.paths = [Path(p) for p in shards]
+        self.batch_size, self.block_size = batch_size, block_size
+        self.rank, self.world_size = rank, world_size
+        self.span = batch_size * block_size  # tokens one rank consumes per batch (+1 for targets)
+        for path in self.paths:
+            n = len(read_shard(path))
+            if n < self.span * world_size + 1:
+                raise ValueError(
+                    f"{path} holds {n:,} tokens, fewer than one step of all ranks needs "
+                    f"({self.span * world_size + 1:,}); lower batch_size or block_size"
+                )
+        self.shard, self.offset = 0, 0
+        self._tokens = read_shard(self.paths[0])
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the first batch of the first shard (for this rank)."""
+        self._seek(0, self.rank * self.span)
+
+    def _seek(self, shard: int, offset: int) -> None:
+        if shard != self.shard:
+            self._tokens = read_shard(self.paths[shard])
+        self.shard, self.offset = shard, offset
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = torch.from_numpy(self._tokens[self.offset:self.offset + self.span + 1].astype(np.int64))
+        x = chunk[:-1].view(self.batch_size, self.block_size)
+        y = chunk[1:].view(self.batch_size, self.block_size)
+        offset = self.offset + self.span * self.world_size
+        if offset + self.span + 1 > len(self._tokens):  # the next step would run off this shard
+            self._seek((self.shard + 1) % len(self.paths), self.rank * self.span)
+        else:
+            self.offset = offset
+        return x, y
+
+    def state_dict(self) -> dict[str, int]:
+        return {"shard": self.shard, "offset": self.offset, "rank": self.rank,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(
+                f"loader state is for rank {state['rank']} of {state['world_size']}, but this is "
+                f"rank {self.rank} of {self.world_size}; resume with the same number of processes"
+            )
+        self._seek(state["shard"], state["offset"])
