@@ -119,10 +119,11 @@ def tokenize_to_shards(
 class ShardLoader:
     """Serves (inputs, targets) batches of ``batch_size x block_size`` from a list of shards.
 
-    With ``world_size`` processes, rank r reads the r-th block of every ``world_size`` blocks,
-    so the ranks never see the same tokens and together sweep the data in order. The position
-    is two integers (shard, offset): :meth:`state_dict` saves it in a checkpoint and
-    :meth:`load_state_dict` puts a resumed run exactly where the killed one stopped.
+    All ranks of a distributed run share one position; rank r reads the r-th of the
+    ``world_size`` consecutive blocks there, so the ranks never see the same tokens and sweep
+    the data together. The position is two integers (shard, offset): :meth:`state_dict` saves it
+    in a checkpoint and :meth:`load_state_dict` puts a resumed run exactly where the killed one
+    stopped.
     """
 
     def __init__(self, shards: Sequence[str | os.PathLike], batch_size: int, block_size: int,
@@ -135,20 +136,20 @@ class ShardLoader:
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size = rank, world_size
         self.span = batch_size * block_size  # tokens one rank consumes per batch (+1 for targets)
+        self.stride = self.span * world_size  # tokens all ranks consume per step
         for path in self.paths:
             n = len(read_shard(path))
-            if n < self.span * world_size + 1:
+            if n < self.stride + 1:
                 raise ValueError(
                     f"{path} holds {n:,} tokens, fewer than one step of all ranks needs "
-                    f"({self.span * world_size + 1:,}); lower batch_size or block_size"
+                    f"({self.stride + 1:,}); lower batch_size or block_size"
                 )
         self.shard, self.offset = 0, 0
         self._tokens = read_shard(self.paths[0])
-        self.reset()
 
     def reset(self) -> None:
-        """Back to the first batch of the first shard (for this rank)."""
-        self._seek(0, self.rank * self.span)
+        """Back to the first batch of the first shard."""
+        self._seek(0, 0)
 
     def _seek(self, shard: int, offset: int) -> None:
         if shard != self.shard:
@@ -156,24 +157,24 @@ class ShardLoader:
         self.shard, self.offset = shard, offset
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        chunk = torch.from_numpy(self._tokens[self.offset:self.offset + self.span + 1].astype(np.int64))
+        start = self.offset + self.rank * self.span
+        chunk = torch.from_numpy(self._tokens[start:start + self.span + 1].astype(np.int64))
         x = chunk[:-1].view(self.batch_size, self.block_size)
         y = chunk[1:].view(self.batch_size, self.block_size)
-        offset = self.offset + self.span * self.world_size
-        if offset + self.span + 1 > len(self._tokens):  # the next step would run off this shard
-            self._seek((self.shard + 1) % len(self.paths), self.rank * self.span)
+        offset = self.offset + self.stride
+        if offset + self.stride + 1 > len(self._tokens):  # the next step would run off this shard
+            self._seek((self.shard + 1) % len(self.paths), 0)
         else:
             self.offset = offset
         return x, y
 
     def state_dict(self) -> dict[str, int]:
-        return {"shard": self.shard, "offset": self.offset, "rank": self.rank,
-                "world_size": self.world_size}
+        return {"shard": self.shard, "offset": self.offset, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+        if state["world_size"] != self.world_size:
             raise ValueError(
-                f"loader state is for rank {state['rank']} of {state['world_size']}, but this is "
-                f"rank {self.rank} of {self.world_size}; resume with the same number of processes"
+                f"loader state is for {state['world_size']} processes, but this run has "
+                f"{self.world_size}; resume with the same number of processes"
             )
         self._seek(state["shard"], state["offset"])

@@ -1,0 +1,136 @@
+"""Checkpoints: one safetensors file holding everything a killed run needs to resume exactly.
+
+Model weights, optimizer moments, RNG states and the data position go into one file, written to a
+temporary name and renamed into place, so a crash mid-write never leaves a half checkpoint.
+Non-tensor state (configs, step, loader position, optimizer hyper-parameters) is JSON in the
+file's metadata. No pickle is involved anywhere: loading a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minigpt.model import GPT, GPTConfig
+
+FORMAT = "minigpt-checkpoint"
+VERSION = 1
+
+
+def _unwrap(model: torch.nn.Module) -> GPT:
+    """The plain GPT inside DDP and/or torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def _model_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.lm_head.weight is model.transformer.wte.weight:
+        del state["lm_head.weight"]  # tied: safetensors stores each tensor once
+    return {f"model.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, **state: Any) -> Path:
+    """Write model (+ optimizer, RNG) and JSON-serialisable ``state`` atomically to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gpt = _unwrap(model)
+    tensors = {**_model_tensors(gpt), **_rng_tensors()}
+    meta: dict[str, Any] = {"config": dataclasses.asdict(gpt.config), "state": state}
+    if optimizer is not None:
+        optim_tensors, meta["optimizer"] = _optimizer_tensors(optimizer)
+        tensors.update(optim_tensors)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION),
+                                           "minigpt": json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _open(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"{path} is not a readable checkpoint ({err}); it may be truncated: "
+                         "delete it and resume from an earlier one") from err
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path} is a safetensors file but not a minigpt checkpoint "
+                         "(for transformers' GPT-2 weights use GPT.from_hf_state_dict)")
+    if int(header["version"]) > VERSION:
+        raise ValueError(f"{path} has checkpoint version {header['version']}; upgrade minigpt to read it")
+    return tensors, json.loads(header["minigpt"])
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, *,
+                    restore_rng: bool = False) -> tuple[GPT, dict[str, Any]]:
+    """Load a checkpoint into ``model`` (built from the stored config when None) and ``optimizer``.
+
+    Returns the model and the ``state`` saved with it (step, loader position, ...).
+    """
+    path = Path(path)
+    tensors, meta = _open(path)
+    config = GPTConfig(**meta["config"])
+    gpt = GPT(config) if model is None else _unwrap(model)
+    if gpt.config != config:
+        raise ValueError(f"{path} holds a model with config {config}, not {gpt.config}")
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = gpt.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
+    if optimizer is not None:
+        if "optimizer" not in meta:
+            raise ValueError(f"{path} has no optimizer state; it cannot resume training")
+        optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"]))
+    if restore_rng:
+        torch.set_rng_state(tensors["rng.cpu"])
+        cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    return gpt, meta["state"]
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

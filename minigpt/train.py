@@ -1,0 +1,273 @@
+"""The one training loop of the book: pretraining, SFT and the rest all run through :class:`Trainer`.
+
+It does what a GPT-2 scale run needs and nothing more: AdamW (fused on CUDA), linear warmup
+then cosine decay, gradient accumulation, gradient clipping, bf16 autocast on CUDA, optional
+``torch.compile``, DDP under ``torchrun``, evaluation in nats and bits per byte, JSONL metrics,
+and checkpoints from which a killed run resumes onto the very same loss curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from minigpt.checkpoint import load_checkpoint, save_checkpoint
+from minigpt.model import GPT
+
+H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, H100 SXM
+
+
+class BatchSource(Protocol):
+    """What the trainer needs from a data loader (see :class:`minigpt.shards.ShardLoader`)."""
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def reset(self) -> None: ...
+    def state_dict(self) -> dict[str, int]: ...
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    """Every optimisation setting; the CLI exposes each one as ``--name value``."""
+
+    max_steps: int = 1000
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 turns clipping off
+    eval_interval: int = 250
+    eval_steps: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 500  # 0: only at the end
+    sample_interval: int = 0  # 0: never
+    dtype: str = "float32"  # "bfloat16" autocasts on CUDA
+    compile: bool = False
+    seed: int = 1337
+    peak_flops: float = H100_BF16_PEAK_FLOPS  # for MFU on GPU
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.grad_accum < 1:
+            raise ValueError("max_steps and grad_accum must be at least 1")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``learning_rate``, then cosine decay to ``learning_rate * min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    min_lr = cfg.learning_rate * cfg.min_lr_ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not biases or LayerNorm gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device_type == "cuda")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a ``torchrun`` job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[Distributed, str]:
+    """Join the process group that ``torchrun`` describes in the environment; return the device.
+
+    NCCL on CUDA (one GPU per process), gloo on CPU, so the same code is tested on a laptop.
+    """
+    if "RANK" not in os.environ:
+        return Distributed(), device
+    ddp = Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(ddp.local_rank)
+        device = f"cuda:{ddp.local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return ddp, device
+
+
+class Trainer:
+    """Runs ``cfg.max_steps`` optimizer steps of ``model`` on batches from ``train``."""
+
+    def __init__(self, model: GPT, cfg: TrainConfig, train: BatchSource, val: BatchSource | None = None,
+                 *, device: str = "cpu", out_dir: str | os.PathLike | None = None,
+                 ddp: Distributed = Distributed(), bytes_per_token: float | None = None,
+                 sample: Callable[[GPT], str] | None = None) -> None:
+        self.cfg, self.train_data, self.val_data = cfg, train, val
+        self.device, self.ddp = device, ddp
+        self.device_type = "cuda" if device.startswith("cuda") else "cpu"
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.bytes_per_token, self.sample = bytes_per_token, sample
+        self.raw_model = model.to(device)
+        self.optimizer = make_optimizer(self.raw_model, cfg, self.device_type)
+        wrapped: torch.nn.Module = self.raw_model
+        if cfg.compile:
+            wrapped = torch.compile(wrapped)
+        if ddp.world_size > 1:
+            wrapped = DDP(wrapped, device_ids=[ddp.local_rank] if self.device_type == "cuda" else None)
+        self.model = wrapped
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # -- one step -------------------------------------------------------------------------
+    def _autocast(self) -> Any:
+        if self.device_type == "cuda" and self.cfg.dtype == "bfloat16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        cfg, start = self.cfg, time.perf_counter()
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.train_data.next_batch())
+            tokens += x.numel()
+            # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
+            last = micro == cfg.grad_accum - 1
+            sync = nullcontext() if last or self.ddp.world_size == 1 else self.model.no_sync()
+            with sync, self._autocast():
+                _, loss = self.model(x, y)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+                     if cfg.grad_clip > 0 else torch.zeros(()))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_mean = loss_sum / cfg.grad_accum
+        if self.ddp.world_size > 1:
+            dist.all_reduce(loss_mean, op=dist.ReduceOp.AVG)
+        loss_value = loss_mean.item()  # waits for the GPU, so the timing below is honest
+        self.step += 1
+        seconds = time.perf_counter() - start
+        tokens_per_s = tokens * self.ddp.world_size / seconds
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": tokens_per_s}
+        if self.device_type == "cuda":
+            flops = self.raw_model.flops_per_token() * tokens_per_s / self.ddp.world_size
+            record["mfu"] = flops / cfg.peak_flops
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over ``eval_steps`` batches, the same batches every time."""
+        if self.val_data is None:
+            return {}
+        self.model.eval()
+        self.val_data.reset()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.eval_steps):
+            x, y = (t.to(self.device) for t in self.val_data.next_batch())
+            with self._autocast():
+                _, loss = self.raw_model(x, y)
+            total += loss
+        val_loss = total / self.cfg.eval_steps
+        if self.ddp.world_size > 1:
+            dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
+        result = {"val_loss": val_loss.item()}
+        if self.bytes_per_token:
+            # nats per token / bytes per token = nats per byte; / ln 2 = bits per byte
+            result["val_nats_per_byte"] = result["val_loss"] / self.bytes_per_token
+            result["val_bpb"] = result["val_nats_per_byte"] / math.log(2)
+        return result
+
+    # -- the loop --------------------------------------------------------------------------
+    def fit(self, progress: bool = True) -> list[dict[str, Any]]:
+        """Train until ``max_steps``, logging, evaluating, sampling and checkpointing on the way."""
+        cfg = self.cfg
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (progress and self.ddp.is_main),
+                   desc="training", unit="step")
+        while self.step < cfg.max_steps:
+            record = self.train_step()
+            done = self.step == cfg.max_steps
+            if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or done):
+                record.update(self.evaluate())
+            if self.sample and cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.ddp.is_main:
+                record["sample"] = self.sample(self.raw_model)
+            if self.step % cfg.log_interval == 0 or done or "val_loss" in record:
+                self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", **(
+                    {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+            if self.out_dir is not None and (done or (cfg.checkpoint_interval
+                                                      and self.step % cfg.checkpoint_interval == 0)):
+                self.save()
+            bar.update(1)
+        bar.close()
+        return self.history
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.out_dir is not None and self.ddp.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints -----------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        if self.out_dir is None:
+            raise ValueError("this trainer has no out_dir to keep checkpoints in")
+        return self.out_dir / "checkpoint.safetensors"
+
+    def save(self) -> None:
+        """Checkpoint to ``out_dir`` (rank 0 writes; all ranks share one data position)."""
+        if self.ddp.is_main:
+            save_checkpoint(self.checkpoint_path, self.raw_model, self.optimizer, step=self.step,
+                            train_config=dataclasses.asdict(self.cfg),
+                            train_data=self.train_data.state_dict())
+        if self.ddp.world_size > 1:
+            dist.barrier()
+
+    def resume(self) -> bool:
+        """Continue from ``out_dir``'s checkpoint if there is one; True if it resumed."""
+        path = self.checkpoint_path
+        if not path.exists():
+            return False
+        _, state = load_checkpoint(path, self.raw_model, self.optimizer, restore_rng=True)
+        self.step = state["step"]
+        self.train_data.load_state_dict(state["train_data"])
+        metrics = self.out_dir / "metrics.jsonl"  # drop lines a killed run wrote after the checkpoint
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            self.history = [json.loads(line) for line in kept]
+            if self.ddp.is_main:
+                tmp = metrics.with_suffix(".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, metrics)
+        return True

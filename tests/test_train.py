@@ -1,0 +1,147 @@
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from minigpt.checkpoint import load_checkpoint, save_checkpoint
+from minigpt.model import GPT, GPTConfig
+from minigpt.shards import ShardLoader, write_shard
+from minigpt.train import Distributed, TrainConfig, Trainer, lr_at
+
+CONFIG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+
+
+def _shard(tmp_path, n=20_000, seed=0):
+    # A learnable stream: a fixed random sequence of 50 tokens, repeated.
+    rng = np.random.default_rng(seed)
+    return write_shard(tmp_path / f"data{seed}.bin", np.tile(rng.integers(0, 64, 50), n // 50))
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(CONFIG)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
+    # Compare the gradients the optimizer sees: Adam's update is nearly scale-free, so comparing
+    # weights after the step would not notice a missing division by grad_accum.
+    shard = _shard(tmp_path)
+    grads = []
+    for batch, accum in [(8, 1), (1, 8)]:
+        cfg = TrainConfig(max_steps=1, grad_accum=accum, warmup_steps=0, grad_clip=0.0)
+        trainer = Trainer(_model(), cfg, ShardLoader([shard], batch, CONFIG.block_size))
+        trainer.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+        trainer.train_step()
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_training_learns_and_logs(tmp_path):
+    shard = _shard(tmp_path)
+    cfg = TrainConfig(max_steps=60, warmup_steps=5, learning_rate=3e-3, eval_interval=30, eval_steps=2,
+                      log_interval=10, checkpoint_interval=0)
+    trainer = Trainer(_model(), cfg, ShardLoader([shard], 4, 16), ShardLoader([shard], 4, 16),
+                      out_dir=tmp_path / "run", bytes_per_token=2.0)
+    history = trainer.fit(progress=False)
+    assert history[-1]["loss"] < history[0]["loss"] - 1.0
+    assert history[-1]["val_loss"] < 2.5  # uniform guessing is ln 64 = 4.16
+    assert history[-1]["val_bpb"] == pytest.approx(history[-1]["val_loss"] / 2.0 / math.log(2))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [10, 20, 30, 40, 50, 60]
+    assert (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_resume_continues_the_same_loss_curve_bitwise(tmp_path):
+    shard = _shard(tmp_path)
+    cfg = TrainConfig(max_steps=12, warmup_steps=2, log_interval=1, eval_interval=0, checkpoint_interval=6)
+    config = GPTConfig(**{**CONFIG.__dict__, "dropout": 0.1})  # RNG state matters with dropout
+
+    def trainer(out):
+        torch.manual_seed(0)
+        return Trainer(GPT(config), cfg, ShardLoader([shard], 4, 16), out_dir=out)
+
+    straight = [r["loss"] for r in trainer(tmp_path / "a").fit(progress=False)]
+    killed = trainer(tmp_path / "b")
+    log = killed._log
+
+    def log_then_die(record):  # dies at step 8, after the checkpoint of step 6
+        log(record)
+        if record["step"] == 8:
+            raise KeyboardInterrupt
+
+    killed._log = log_then_die
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit(progress=False)
+    torch.manual_seed(123)  # a resumed process starts with different RNG state
+    resumed = trainer(tmp_path / "b")
+    assert resumed.resume() and resumed.step == 6
+    resumed.fit(progress=False)
+    assert [r["loss"] for r in resumed.history] == straight
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    model = _model(1)
+    trainer = Trainer(model, TrainConfig(max_steps=2, warmup_steps=0), ShardLoader([_shard(tmp_path)], 2, 16))
+    trainer.train_step()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model, trainer.optimizer, step=1)
+    loaded, state = load_checkpoint(path)
+    assert state == {"step": 1}
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tying survives
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated.safetensors"):
+        load_checkpoint(truncated)
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="foreign.safetensors is a safetensors file but not a minigpt"):
+        load_checkpoint(tmp_path / "foreign.safetensors")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def _ddp_worker(rank: int, world: int, port: int, shard: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo")
+    try:
+        torch.manual_seed(rank)  # different inits: DDP must broadcast rank 0's weights
+        model = GPT(CONFIG)
+        cfg = TrainConfig(max_steps=3, warmup_steps=0, grad_accum=2)
+        trainer = Trainer(model, cfg, ShardLoader([shard], 2, 16, rank, world),
+                          ddp=Distributed(rank, rank, world))
+        first = trainer.train_data.next_batch()[0]
+        trainer.train_data.reset()
+        trainer.fit(progress=False)
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        torch.save({"params": flat, "first_batch": first}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(_shard(tmp_path)), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert torch.equal(r0["params"], r1["params"])
+    assert not torch.equal(r0["first_batch"], r1["first_batch"])  # each rank reads its own slice
+    torch.manual_seed(0)
+    assert not torch.equal(r0["params"], torch.cat([p.flatten() for p in GPT(CONFIG).parameters()]))
