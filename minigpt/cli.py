@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -45,6 +46,37 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> None:
     print(" | ".join(tok.decode([i]) for i in ids))
 
 
+_TYPES = {"int": int, "float": float, "str": str,
+          "bool": lambda v: {"true": True, "1": True, "false": False, "0": False}[v.lower()]}
+
+
+def _setting_fields() -> tuple[list[dataclasses.Field], list[dataclasses.Field]]:
+    """Profile fields, then TrainConfig fields the profile does not already set."""
+    from minigpt.profiles import Profile
+    from minigpt.train import TrainConfig
+
+    prof = [f for f in dataclasses.fields(Profile) if f.name != "name"]
+    names = {f.name for f in prof}
+    return prof, [f for f in dataclasses.fields(TrainConfig) if f.name not in names]
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from minigpt.pretrain import pretrain, settings, train_config
+
+    prof_fields, train_fields = _setting_fields()
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    p = profile(args.profile, **{f.name: given[f.name] for f in prof_fields if f.name in given})
+    train_overrides = {f.name: given[f.name] for f in train_fields if f.name in given}
+    if os.environ.get("RANK", "0") == "0":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        for key, value in settings(p, train_config(p, world, **train_overrides)).items():
+            print(f"{key:>20} = {value}")
+    trainer = pretrain(p, args.out, resume=not args.restart, **train_overrides)
+    if trainer.ddp.is_main:
+        last = trainer.history[-1] if trainer.history else {}
+        print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("tokenizer", help="a file written by `minigpt tokenizer train`")
     e.add_argument("text")
     e.set_defaults(func=_cmd_tokenizer_encode)
+
+    t = sub.add_parser("pretrain", help="pretrain a GPT on the profile's corpus (works under torchrun)",
+                       description="Every setting below defaults to the profile's value.")
+    t.add_argument("--profile", help="ci, cpu, gpu or full (default: see minigpt.profile)")
+    t.add_argument("--out", default="runs/pretrain", help="folder for checkpoints, metrics and shards")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    for field in sum(_setting_fields(), []):
+        t.add_argument(f"--{field.name}", type=_TYPES[str(field.type)], metavar=str(field.type).upper())
+    t.set_defaults(func=_cmd_pretrain)
     return parser
 
 

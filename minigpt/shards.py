@@ -82,24 +82,26 @@ def tokenize_to_shards(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    buffer = np.empty(shard_tokens, dtype=np.uint32)
-    filled, paths = 0, []
+    paths: list[Path] = []
+    pending: list[np.ndarray] = []  # token arrays not yet written, fewer than shard_tokens in all
     progress = tqdm(total=total_docs, unit="doc", desc=f"tokenizing {prefix}")
 
-    def flush(n: int) -> None:
-        paths.append(write_shard(out / f"{prefix}_{len(paths):06d}.bin", buffer[:n]))
+    def flush(tokens: np.ndarray) -> None:
+        paths.append(write_shard(out / f"{prefix}_{len(paths):06d}.bin", tokens))
+
+    pending_tokens = 0
 
     def store(batch: list[str]) -> None:
-        nonlocal filled
+        nonlocal pending, pending_tokens
         for ids in encode_batch(batch):
-            ids = np.asarray([eot, *ids], dtype=np.uint32)
-            while ids.size:
-                take = min(ids.size, shard_tokens - filled)
-                buffer[filled:filled + take] = ids[:take]
-                filled, ids = filled + take, ids[take:]
-                if filled == shard_tokens:
-                    flush(filled)
-                    filled = 0
+            pending.append(np.asarray([eot, *ids], dtype=np.uint32))
+            pending_tokens += len(ids) + 1
+        if pending_tokens >= shard_tokens:
+            tokens = np.concatenate(pending)
+            while len(tokens) >= shard_tokens:
+                flush(tokens[:shard_tokens])
+                tokens = tokens[shard_tokens:]
+            pending, pending_tokens = [tokens], len(tokens)
         progress.update(len(batch))
 
     batch: list[str] = []
@@ -110,8 +112,8 @@ def tokenize_to_shards(
             batch = []
     if batch:
         store(batch)
-    if filled:
-        flush(filled)
+    if pending_tokens:
+        flush(np.concatenate(pending))
     progress.close()
     return paths
 
