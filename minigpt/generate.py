@@ -1,0 +1,221 @@
+"""Sampling text from a GPT: logit filters, batched generation with a KV cache, streaming.
+
+Each filter is a small pure function ``logits -> logits`` (removed tokens get ``-inf``), and
+:func:`next_token_probs` chains them into the final distribution, which is what a sampling
+widget wants to plot. The order is Hugging Face ``transformers``' (``_get_logits_processor``):
+repetition penalty, temperature, top-k, top-p, min-p. Order matters: temperature before top-p
+changes which tokens make up the top-p mass, and min-p compares against the top probability
+after the earlier filters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from minigpt.model import GPT
+
+
+def apply_repetition_penalty(logits: torch.Tensor, idx: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019): for each token already in ``idx`` (B, T), divide a
+    positive logit by ``penalty`` and multiply a negative one, so it always becomes less likely.
+    Tokens are penalised once however often they occur (as in Hugging Face)."""
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty={penalty} must be > 0 (1.0 means no penalty)")
+    seen = logits.gather(-1, idx)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, idx, seen)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sharpen (< 1) or flatten (> 1) the distribution. 0 means greedy: see :func:`next_token_probs`."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 here; greedy decoding is temperature=0 "
+                         "in next_token_probs/generate")
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits (and any tied with the k-th)."""
+    if k <= 0:
+        raise ValueError(f"top_k={k} must be a positive integer")
+    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens whose
+    probability mass is at least ``p``; the most likely token is always kept."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p={p} must be in (0, 1]")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+    remove_sorted = mass_before >= p  # the set before this token already reached p
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Min-p sampling (Nguyen et al. 2024): keep tokens with probability >= ``min_p`` times the
+    top probability, so the cut-off adapts to how confident the model is."""
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p={min_p} must be in [0, 1]")
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def filter_logits(logits: torch.Tensor, idx: torch.Tensor | None = None, *, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                  repetition_penalty: float = 1.0) -> torch.Tensor:
+    """Apply the filters in Hugging Face's order (module docstring); ``temperature`` must be > 0.
+
+    ``idx`` (B, T), the tokens so far, is needed only for the repetition penalty.
+    """
+    if repetition_penalty != 1.0:
+        if idx is None:
+            raise ValueError("repetition_penalty needs idx, the tokens generated so far")
+        logits = apply_repetition_penalty(logits, idx, repetition_penalty)
+    if temperature != 1.0:
+        logits = apply_temperature(logits, temperature)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    if min_p is not None and min_p > 0.0:
+        logits = min_p_filter(logits, min_p)
+    return logits
+
+
+def next_token_probs(logits: torch.Tensor, idx: torch.Tensor | None = None, *, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                     repetition_penalty: float = 1.0) -> torch.Tensor:
+    """The distribution the next token is drawn from, (..., V) probabilities summing to 1.
+
+    ``temperature=0`` is greedy decoding: all mass on the (penalised) argmax.
+    """
+    if temperature == 0:
+        if repetition_penalty != 1.0:
+            logits = filter_logits(logits, idx, repetition_penalty=repetition_penalty)
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).to(torch.float32)
+    logits = filter_logits(logits, idx, temperature=temperature, top_k=top_k, top_p=top_p,
+                           min_p=min_p, repetition_penalty=repetition_penalty)
+    return logits.float().softmax(dim=-1)
+
+
+def sample_next(logits: torch.Tensor, idx: torch.Tensor | None = None, *,
+                generator: torch.Generator | None = None, **filters: Any) -> torch.Tensor:
+    """Draw one token per row from (B, V) ``logits``: returns (B,) token ids."""
+    probs = next_token_probs(logits, idx, **filters)
+    if filters.get("temperature", 1.0) == 0:
+        return probs.argmax(dim=-1)  # greedy: no random draw, so the generator is untouched
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _cache_dtype(model: GPT) -> torch.dtype:
+    """The dtype the attention keys will have: autocast's if it is on, else the weights'."""
+    device_type = model.transformer.wte.weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return model.transformer.wte.weight.dtype
+
+
+def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+           repetition_penalty: float = 1.0, stop_tokens: Iterable[int] | None = None,
+           pad_token: int | None = None, use_cache: bool = True,
+           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, a (B,) tensor per step; see :func:`generate`."""
+    if idx.dim() != 2:
+        raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+    B, T = idx.shape
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    block_size = model.config.block_size
+    if T == 0:
+        raise ValueError("the prompt is empty: give at least one token to condition on "
+                         "(e.g. a newline, or the tokenizer's end-of-text/BOS token)")
+    if T > block_size:
+        raise ValueError(f"the prompt has {T} tokens but the model sees at most block_size={block_size}; "
+                         f"keep its last {block_size} (idx[:, -{block_size}:])")
+    if use_cache and T + max_new_tokens > block_size:
+        raise ValueError(
+            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} exceeds "
+            f"block_size={block_size}, and the KV cache cannot slide past it; lower max_new_tokens to "
+            f"{block_size - T}, or pass use_cache=False to condition on the last {block_size} tokens")
+    stops = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=idx.device)
+    if pad_token is None:
+        pad_token = int(stops[0]) if len(stops) else 0
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty)
+
+    was_training = model.training
+    model.eval()  # dropout would make sampling noisy and cached != uncached
+    try:
+        with torch.inference_mode():
+            idx = idx.to(model.transformer.wte.weight.device)
+            stops = stops.to(idx.device)
+            cache = model.new_kv_cache(B, T + max_new_tokens, dtype=_cache_dtype(model)) if use_cache else None
+            seq = idx  # every token so far, for the repetition penalty and the uncached path
+            new = idx  # what the model has not seen yet: the prompt, then one token per step
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            for _ in range(max_new_tokens):
+                if use_cache:
+                    logits, _ = model(new, kv_cache=cache, last_only=True)
+                else:
+                    logits, _ = model(seq[:, -block_size:], last_only=True)
+                token = sample_next(logits[:, -1, :], seq, generator=generator, **filters)
+                yield token.masked_fill(done, pad_token)
+                done = done | torch.isin(token, stops)
+                if bool(done.all()):
+                    return
+                # Finished rows keep decoding their own samples (any pad id may not be a valid
+                # token); what they produce is replaced by pad_token above.
+                new = token[:, None]
+                seq = torch.cat([seq, new], dim=1)
+    finally:
+        model.train(was_training)
+
+
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             repetition_penalty: float = 1.0, stop_tokens: Iterable[int] | None = None,
+             pad_token: int | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue each row of ``idx`` (B, T) by up to ``max_new_tokens``; returns (B, T + n).
+
+    temperature=0 is greedy; ``generator`` makes sampling reproducible. A row that emits one of
+    ``stop_tokens`` keeps it and is then padded with ``pad_token`` (default: the smallest stop
+    token id, like Hugging Face's eos-as-pad), and generation ends early once every row has
+    stopped, so n <= max_new_tokens. Rows share one prompt length (no padding masks).
+
+    With ``use_cache`` (default) a KV cache sized T + max_new_tokens is preallocated and each step
+    feeds only the newest token; that total must fit in ``block_size``. Without the cache the
+    model re-reads the last ``block_size`` tokens every step, so generation can run past it.
+    The model runs in eval mode (restored afterwards) under ``torch.inference_mode``.
+    """
+    tokens = list(stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                         stop_tokens=stop_tokens, pad_token=pad_token, use_cache=use_cache,
+                         generator=generator))
+    idx = idx.to(model.transformer.wte.weight.device)
+    return torch.cat([idx, torch.stack(tokens, dim=1)], dim=1) if tokens else idx
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, **kwargs: Any) -> str:
+    """Encode ``prompt``, generate, and decode the continuation only (up to, not including, the
+    first stop token). ``kwargs`` go to :func:`generate`."""
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    new = generate(model, idx, max_new_tokens, **kwargs)[0, idx.size(1):].tolist()
+    stops = set(kwargs.get("stop_tokens") or ())
+    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+    return tokenizer.decode(new[:cut])

@@ -1,0 +1,398 @@
+"""The GPT-2 architecture, small enough to read in one sitting and exact enough to load GPT-2.
+
+Layout follows OpenAI's GPT-2 (and Hugging Face's ``GPT2LMHeadModel``): token + position
+embeddings, ``n_layer`` pre-LayerNorm blocks (causal self-attention, then a GELU MLP), a final
+LayerNorm and an output head that shares its weight with the token embedding. Parameter names
+mirror Hugging Face's (``transformer.h.0.attn.c_attn`` ...) so converting a checkpoint is a
+rename-free transpose.
+
+The key/value cache used for fast generation lives here too (:class:`KVCache`): the attention
+module is its only reader and writer, so its tensor layout is an attention detail, while
+:mod:`minigpt.generate` only decides how big to make it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minigpt.profiles import Profile
+
+AttnImpl = Literal["sdpa", "naive"]
+
+# name -> (n_layer, n_head, n_embd) of the four released GPT-2 models.
+GPT2_SIZES: dict[str, tuple[int, int, int]] = {
+    "124M": (12, 12, 768),
+    "355M": (24, 16, 1024),
+    "774M": (36, 20, 1280),
+    "1558M": (48, 25, 1600),
+}
+GPT2_HF_NAMES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+
+
+@dataclass
+class GPTConfig:
+    """Every shape of the model. ``vocab_size`` 50304 is GPT-2's 50257 padded to a multiple of
+    64, which makes the output matmul faster on GPUs; use 50257 to load OpenAI's weights."""
+
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    attn_impl: AttnImpl = "sdpa"
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head:
+            ok = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0 and h <= 64]
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_head from "
+                f"the divisors of n_embd (e.g. {ok[-4:]}) or change n_embd to a multiple of {self.n_head}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.attn_impl not in ("sdpa", "naive"):
+            raise ValueError(f"attn_impl={self.attn_impl!r} must be 'sdpa' or 'naive'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_profile(cls, profile: Profile, vocab_size: int, **overrides: Any) -> GPTConfig:
+        """The model sizes of a :func:`minigpt.profile` with a tokenizer's vocabulary size."""
+        sizes = dict(block_size=profile.block_size, n_layer=profile.n_layer,
+                     n_head=profile.n_head, n_embd=profile.n_embd)
+        return cls(vocab_size=vocab_size, **{**sizes, **overrides})
+
+    @classmethod
+    def gpt2(cls, size: str = "124M", **overrides: Any) -> GPTConfig:
+        """A released GPT-2 shape (``"124M"``, ``"355M"``, ``"774M"``, ``"1558M"``, or the Hugging
+        Face names ``"gpt2"``, ``"gpt2-medium"`` ...) with its 50257-token vocabulary."""
+        size = GPT2_HF_NAMES.get(size, size)
+        if size not in GPT2_SIZES:
+            raise ValueError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(GPT2_SIZES)}")
+        n_layer, n_head, n_embd = GPT2_SIZES[size]
+        base = dict(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any, **overrides: Any) -> GPTConfig:
+        """Translate a ``transformers.GPT2Config``."""
+        base = dict(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
+                    n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd)
+        return cls(**{**base, **overrides})
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: ``k``/``v`` have shape
+    (n_layer, batch, n_head, max_len, head_dim).
+
+    ``length`` counts the positions already written; it is also the position offset of the next
+    tokens fed to the model. Preallocating (instead of ``torch.cat`` each step) keeps memory
+    flat and avoids a copy of the whole cache per generated token.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values (B, H, T, D) after the cached ones; return all of them.
+
+        ``length`` is advanced by the model once every layer has written (see ``GPT.forward``).
+        """
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def causal_mask(t_query: int, t_key: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (t_query, t_key) mask, True where attention is allowed.
+
+    The queries are the *last* ``t_query`` of ``t_key`` positions (with a KV cache the keys
+    include earlier tokens), so query i may see keys up to ``t_key - t_query + i``.
+    """
+    return torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril(diagonal=t_key - t_query)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention; ``c_attn`` makes q, k, v in one matmul."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.attn_impl = config.attn_impl
+        self.layer_idx = layer_idx  # which slice of a shared KVCache is ours
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the attention output (B, T, C) and, if ``need_weights``, the attention
+        probabilities (B, H, T, T_key) computed by the naive path."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, H, T, D): every head attends independently.
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache dtype differs
+        if need_weights or self.attn_impl == "naive":
+            y, att = self._naive(q, k, v)
+        else:
+            y, att = self._sdpa(q, k, v), None
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-join the heads
+        return self.resid_dropout(self.c_proj(y)), (att if need_weights else None)
+
+    def _naive(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """softmax(q k^T / sqrt(d) + mask) v, spelled out: the reference for the fast path."""
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        att = att.masked_fill(~causal_mask(q.size(2), k.size(2), q.device), float("-inf"))
+        att = F.softmax(att, dim=-1)
+        return self.attn_dropout(att) @ v, att
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """PyTorch's fused attention (flash / memory-efficient kernels on GPUs)."""
+        dropout_p = self.dropout if self.training else 0.0
+        t_query, t_key = q.size(2), k.size(2)
+        if t_query == t_key:  # no cache, or the prefill: plain causal attention
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if t_query == 1:  # decoding one token: it may see every cached position
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        # Several new tokens after a cache: is_causal would align the mask top-left, so be explicit.
+        mask = causal_mask(t_query, t_key, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: widen 4x, GELU (GPT-2's tanh approximation), project back."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: each sublayer reads a normalised copy of the residual stream
+    and adds its result back, so the stream itself is never normalised."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, att = self.attn(self.ln_1(x), kv_cache, need_weights)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, att
+
+
+class GPT(nn.Module):
+    """GPT-2: ``forward(idx, targets)`` returns ``(logits, loss)``."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: reading a token and predicting it use the same vector (saves V*C params).
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer):
+        # 2 * n_layer of them add up, and this keeps the stream's variance from growing with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                kv_cache: KVCache | None = None, last_only: bool = False,
+                return_attention: bool = False) -> tuple[Any, ...]:
+        """Next-token logits for every position of ``idx`` (B, T).
+
+        targets: (B, T) next tokens; positions set to -100 are left out of the mean loss.
+        kv_cache: keys/values of earlier positions; ``idx`` continues at ``kv_cache.length``.
+        last_only: compute logits for the last position only, (B, 1, V): all that sampling needs.
+        return_attention: also return a list with each layer's (B, H, T, T_key) attention
+            probabilities (this call then runs the naive attention path).
+
+        Returns ``(logits, loss)``, or ``(logits, loss, attentions)`` with ``return_attention``;
+        ``loss`` is None without targets.
+        """
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            where = f"after {start} cached positions " if start else ""
+            raise ValueError(
+                f"input of length {T} {where}exceeds the model's block_size={self.config.block_size}; "
+                f"crop the input to its last {self.config.block_size - start} tokens "
+                "(e.g. idx[:, -block_size:]) or build the model with a larger block_size"
+            )
+        if kv_cache is not None and kv_cache.length + T > kv_cache.max_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {start} used, {T} more given")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        attentions = []
+        for block in self.transformer.h:
+            x, att = block(x, kv_cache, return_attention)
+            attentions.append(att)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            if last_only:
+                raise ValueError("targets need logits at every position; drop last_only=True")
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
+        if return_attention:
+            return logits, loss, attentions
+        return logits, loss
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, *,
+                     dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` (default block_size)."""
+        c = self.config
+        p = self.transformer.wte.weight
+        return KVCache(c.n_layer, batch_size, c.n_head, min(max_len or c.block_size, c.block_size),
+                       c.head_dim, dtype=dtype or p.dtype, device=device or p.device)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count. ``non_embedding`` drops the position embedding, as nanoGPT reports;
+        the token embedding stays because, tied, it is also the output layer's weight."""
+        n = sum(p.numel() for p in self.parameters())  # tied weights are yielded once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs (forward + backward) per token: 6N for the weight matmuls plus
+        12 * L * H * Q * T for attention scores and their weighted sum (PaLM appendix B)."""
+        c = self.config
+        t = seq_len or c.block_size
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * t
+
+    # -- Checkpoint conversion -------------------------------------------------------------
+    # Hugging Face's GPT-2 stores its linear layers as ``Conv1D`` with weight (in, out): the
+    # transpose of nn.Linear's (out, in). Everything else maps one to one.
+    _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_hf_state_dict(cls, state_dict: dict[str, torch.Tensor], config: GPTConfig) -> GPT:
+        """Build a model from a ``GPT2LMHeadModel`` (or ``GPT2Model``) state dict."""
+        model = cls(config)
+        ours = model.state_dict()
+        converted = {}
+        for key, value in state_dict.items():
+            if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
+                continue
+            name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+            if name not in ours:
+                raise KeyError(f"unexpected key {key!r} in the Hugging Face state dict")
+            converted[name] = value.t() if name.endswith(cls._CONV1D) else value
+        if "lm_head.weight" in converted:  # tied to wte: keep one source of truth
+            head = converted.pop("lm_head.weight")
+            if not torch.equal(head, converted.get("transformer.wte.weight", head)):
+                raise ValueError("lm_head.weight differs from wte.weight; this GPT ties them")
+        missing = set(ours) - set(converted) - {"lm_head.weight"}
+        if missing:
+            raise KeyError(f"the state dict lacks {sorted(missing)}")
+        for name, value in converted.items():
+            if value.shape != ours[name].shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model "
+                                 f"{tuple(ours[name].shape)}; does the config match the checkpoint?")
+        model.load_state_dict(converted, strict=False)
+        return model
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`from_hf_state_dict`, loadable into ``GPT2LMHeadModel``
+        (``strict=False``: it lacks the mask buffers, which the model rebuilds itself)."""
+        return {name: (p.t() if name.endswith(self._CONV1D) else p).detach().clone()
+                for name, p in self.state_dict().items()}
+
+    @classmethod
+    def from_pretrained(cls, name: str = "gpt2", **overrides: Any) -> GPT:
+        """OpenAI's GPT-2 weights via ``transformers`` (from its local cache, else downloaded).
+
+        Fails within seconds with a clear message when the Hub is unreachable, instead of
+        sitting through ``huggingface_hub``'s retries.
+        """
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError as e:
+            raise ImportError("from_pretrained needs transformers: pip install transformers") from e
+        try:  # the local cache first: fast, and works offline
+            hf = GPT2LMHeadModel.from_pretrained(name, local_files_only=True)
+        except OSError:
+            _require_hub(name)
+            hf = GPT2LMHeadModel.from_pretrained(name)
+        config = GPTConfig.from_hf_config(hf.config, **overrides)
+        return cls.from_hf_state_dict(hf.state_dict(), config)
+
+
+def _require_hub(name: str, timeout: float = 3.0) -> None:
+    """Raise a clear error unless the Hugging Face Hub can be reached right now."""
+    hint = (f"{name!r} is not in the local Hugging Face cache and cannot be downloaded: {{why}}. "
+            "Connect to the internet (or set HF_ENDPOINT to a mirror), or copy the model into "
+            "the cache (e.g. `hf download gpt2` on a connected machine) and run again.")
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            raise RuntimeError(hint.format(why=f"{var} is set"))
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError as e:
+        raise RuntimeError(hint.format(why=f"{endpoint.geturl()} is unreachable ({e})")) from e

@@ -1,0 +1,206 @@
+"""Generation: the KV cache changes speed, never tokens; each filter matches a hand computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt.generate import (
+    apply_repetition_penalty,
+    apply_temperature,
+    filter_logits,
+    generate,
+    generate_text,
+    min_p_filter,
+    next_token_probs,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+from minigpt.model import GPT, GPTConfig
+
+INF = float("-inf")
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=50, block_size=48, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():  # sharpen the random model so greedy paths are far from ties
+        m.transformer.wte.weight.mul_(20)
+    return m.eval()
+
+
+def prompt(batch: int = 1, length: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randint(50, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def probs_of(logits: torch.Tensor) -> list[float]:
+    return logits.softmax(-1).tolist()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cached_equals_uncached_greedy(model: GPT, batch: int) -> None:
+    idx = prompt(batch)
+    cached = generate(model, idx, 30, temperature=0)
+    uncached = generate(model, idx, 30, temperature=0, use_cache=False)
+    assert cached.shape == (batch, 35)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :5], idx)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cached_equals_uncached_sampling(model: GPT, batch: int) -> None:
+    idx = prompt(batch, seed=1)
+    kw = dict(temperature=0.9, top_k=20, top_p=0.95, min_p=0.01, repetition_penalty=1.2)
+    cached = generate(model, idx, 30, generator=torch.Generator().manual_seed(7), **kw)
+    uncached = generate(model, idx, 30, use_cache=False, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(cached, uncached)
+    again = generate(model, idx, 30, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(cached, again)
+
+
+def test_uncached_slides_past_block_size(model: GPT) -> None:
+    out = generate(model, prompt(length=40), 20, temperature=0, use_cache=False)
+    assert out.shape == (1, 60)
+
+
+def test_greedy_is_argmax_of_full_forward(model: GPT) -> None:
+    idx = prompt(2)
+    out = generate(model, idx, 1, temperature=0)
+    with torch.no_grad():
+        expected = model(idx)[0][:, -1].argmax(-1)
+    assert torch.equal(out[:, -1], expected)
+
+
+def test_temperature() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    assert apply_temperature(logits, 0.5).tolist() == [[4.0, 2.0, 0.0]]
+    with pytest.raises(ValueError, match="greedy"):
+        apply_temperature(logits, 0)
+    greedy = next_token_probs(logits, temperature=0)
+    assert greedy.tolist() == [[1.0, 0.0, 0.0]]
+
+
+def test_top_k() -> None:
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [0.0, 0.0, 1.0, -1.0]])
+    assert top_k_filter(logits, 2).tolist() == [[INF, 4.0, 3.0, INF], [0.0, 0.0, 1.0, INF]]  # ties kept
+    assert torch.equal(top_k_filter(logits, 10), logits)
+
+
+def test_top_p_keeps_smallest_set_reaching_p() -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.25, 0.15]]))
+    # Sorted: 0.5, 0.25 (0.75), 0.15 (0.90), 0.1 (1.0).
+    assert top_p_filter(logits, 0.5)[0].isfinite().tolist() == [False, True, False, False]
+    assert top_p_filter(logits, 0.6)[0].isfinite().tolist() == [False, True, True, False]
+    assert top_p_filter(logits, 0.9)[0].isfinite().tolist() == [False, True, True, True]
+    assert top_p_filter(logits, 0.91)[0].isfinite().tolist() == [True, True, True, True]
+    assert top_p_filter(logits, 0.01)[0].isfinite().tolist() == [False, True, False, False]
+    kept = next_token_probs(logits, top_p=0.6)
+    torch.testing.assert_close(kept, torch.tensor([[0.0, 0.5 / 0.75, 0.25 / 0.75, 0.0]]))
+
+
+def test_min_p_keeps_tokens_above_fraction_of_max() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    # Threshold 0.3 * 0.5 = 0.15: 0.15 stays (>=), 0.05 goes.
+    assert min_p_filter(logits, 0.3)[0].isfinite().tolist() == [True, True, True, False]
+    assert min_p_filter(logits, 0.61)[0].isfinite().tolist() == [True, False, False, False]
+    assert torch.equal(min_p_filter(logits, 0.0), logits)
+
+
+def test_repetition_penalty() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[0, 1, 1]])  # token 1 twice: penalised once
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    assert logits.tolist() == [[2.0, -1.0, 0.5, 3.0]]  # pure: input untouched
+
+
+def test_filter_order_matches_transformers() -> None:
+    """Our chain equals transformers' processors applied in the order its generate() builds them."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits, idx = torch.randn(4, 30) * 3, torch.randint(30, (4, 6))
+    expected = logits.clone()
+    for proc in (RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(12),
+                 TopPLogitsWarper(0.8), MinPLogitsWarper(0.05)):
+        expected = proc(idx, expected)
+    ours = filter_logits(logits, idx, repetition_penalty=1.3, temperature=0.7, top_k=12, top_p=0.8, min_p=0.05)
+    assert torch.equal(ours.isfinite(), expected.isfinite())
+    torch.testing.assert_close(ours.softmax(-1), expected.softmax(-1))
+
+
+def test_next_token_probs_is_a_distribution() -> None:
+    torch.manual_seed(0)
+    probs = next_token_probs(torch.randn(3, 40), temperature=0.8, top_k=10, top_p=0.9, min_p=0.05)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    assert ((probs > 0).sum(-1) <= 10).all()
+
+
+def test_stop_tokens_stop_rows_and_pad(model: GPT) -> None:
+    idx = prompt(3, seed=3)
+    free = generate(model, idx, 20, temperature=0)
+    stop = int(free[0, 8])  # the 4th token row 0 generates
+    out = generate(model, idx, 20, temperature=0, stop_tokens=[stop], pad_token=-1)
+    for row_free, row in zip(free, out):
+        gen_free, gen = row_free[5:].tolist(), row[5:].tolist()
+        if stop in gen_free[: len(gen)]:
+            cut = gen_free.index(stop) + 1
+            assert gen[:cut] == gen_free[:cut] and set(gen[cut:]) <= {-1}
+        else:
+            assert gen == gen_free[: len(gen)]
+    if all(stop in r[5:].tolist() for r in free):  # every row stopped: generation ended early
+        assert out.size(1) < free.size(1)
+
+
+def test_stream_equals_generate(model: GPT) -> None:
+    idx = prompt(2, seed=4)
+    kw = dict(temperature=1.0, top_k=10)
+    steps = list(stream(model, idx, 12, generator=torch.Generator().manual_seed(3), **kw))
+    assert len(steps) == 12 and all(s.shape == (2,) for s in steps)
+    out = generate(model, idx, 12, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(torch.stack(steps, 1), out[:, 5:])
+
+
+def test_errors(model: GPT) -> None:
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="prompt has 49 tokens.*block_size=48"):
+        generate(model, prompt(length=49), 1)
+    with pytest.raises(ValueError, match=r"prompt \(40\) \+ max_new_tokens \(20\) = 60 exceeds.*use_cache=False"):
+        generate(model, prompt(length=40), 20)
+    for bad in (dict(top_k=0), dict(top_p=0.0), dict(min_p=1.5), dict(repetition_penalty=0.0)):
+        with pytest.raises(ValueError):
+            generate(model, prompt(), 1, **bad)
+
+
+def test_restores_training_mode(model: GPT) -> None:
+    model.train()
+    try:
+        generate(model, prompt(), 2)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_generate_text(model: GPT) -> None:
+    class Digits:  # a stand-in tokenizer: token i <-> chr(65 + i)
+        def encode(self, text: str) -> list[int]:
+            return [ord(c) - 65 for c in text]
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(65 + i) for i in ids)
+
+    text = generate_text(model, Digits(), "HELLO", 10, temperature=0)
+    ids = generate(model, torch.tensor([Digits().encode("HELLO")]), 10, temperature=0)[0, 5:].tolist()
+    assert text == Digits().decode(ids)
+    stop = ids[3]
+    short = generate_text(model, Digits(), "HELLO", 10, temperature=0, stop_tokens=[stop])
+    assert short == Digits().decode(ids[: ids.index(stop)])

@@ -1,0 +1,197 @@
+"""The GPT matches Hugging Face's GPT-2 numerically, and its two attention paths agree."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from minigpt.model import GPT, Block, CausalSelfAttention, GPTConfig, KVCache
+
+SMALL = dict(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=64)
+
+
+@pytest.fixture
+def hf_model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=100, n_positions=32, n_layer=2, n_head=4, n_embd=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+def small_gpt(seed: int = 0, **overrides: object) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**SMALL, **overrides})).eval()  # type: ignore[arg-type]
+
+
+def tokens(batch: int = 3, length: int = 32, vocab: int = 100, seed: int = 1) -> torch.Tensor:
+    return torch.randint(vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_match_transformers(hf_model: GPT2LMHeadModel) -> None:
+    model = GPT.from_hf_state_dict(hf_model.state_dict(), GPTConfig.from_hf_config(hf_model.config)).eval()
+    idx = tokens()
+    with torch.no_grad():
+        expected = hf_model(idx).logits
+        logits, _ = model(idx)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_hf_round_trip(hf_model: GPT2LMHeadModel) -> None:
+    model = GPT.from_hf_state_dict(hf_model.state_dict(), GPTConfig.from_hf_config(hf_model.config))
+    exported = model.to_hf_state_dict()
+    for name, value in hf_model.state_dict().items():
+        if name in exported:
+            torch.testing.assert_close(exported[name], value, atol=0, rtol=0)
+    missing, unexpected = GPT2LMHeadModel(hf_model.config).load_state_dict(exported, strict=False)
+    assert not unexpected and all(".attn." in k and k.endswith("bias") for k in missing)
+
+
+def test_from_hf_rejects_wrong_shapes(hf_model: GPT2LMHeadModel) -> None:
+    with pytest.raises(ValueError, match="does the config match"):
+        GPT.from_hf_state_dict(hf_model.state_dict(), GPTConfig(**{**SMALL, "vocab_size": 101}))
+
+
+@pytest.mark.parametrize("length", [1, 7, 32])
+def test_naive_equals_sdpa(length: int) -> None:
+    sdpa, naive = small_gpt(attn_impl="sdpa"), small_gpt(attn_impl="naive")
+    idx = tokens(length=length)
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(idx)[0], naive(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_weights_are_causal_distributions() -> None:
+    model = small_gpt()
+    idx = tokens(length=10)
+    with torch.no_grad():
+        logits, loss, atts = model(idx, return_attention=True)
+        torch.testing.assert_close(logits, model(idx)[0], atol=1e-5, rtol=1e-5)
+    assert loss is None and len(atts) == SMALL["n_layer"]
+    for att in atts:
+        assert att.shape == (3, SMALL["n_head"], 10, 10)
+        torch.testing.assert_close(att.sum(-1), torch.ones(3, SMALL["n_head"], 10))
+        assert torch.all(att.triu(diagonal=1) == 0)
+
+
+def test_cached_forward_equals_full_forward() -> None:
+    """Prefill 5, then 1 token, then a chunk of 3: the chunk exercises the explicit-mask path."""
+    for impl in ("sdpa", "naive"):
+        model = small_gpt(attn_impl=impl)
+        idx = tokens(length=9)
+        cache = model.new_kv_cache(batch_size=3, max_len=9)
+        with torch.no_grad():
+            full, _ = model(idx)
+            parts = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 5), (5, 6), (6, 9))]
+        assert cache.length == 9
+        torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_logits() -> None:
+    model = small_gpt()
+    idx = tokens(length=8)
+    with torch.no_grad():
+        last, _ = model(idx, last_only=True)
+        torch.testing.assert_close(last, model(idx)[0][:, -1:], atol=1e-6, rtol=1e-6)
+
+
+def test_weight_tying_and_init() -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=256))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.05), name
+        elif name.endswith(("c_attn.weight", "c_fc.weight")):
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+        elif name.endswith("bias") and "ln_" not in name:
+            assert torch.all(p == 0), name
+
+
+def test_gpt2_124m_param_count() -> None:
+    model = GPT(GPTConfig.gpt2("124M"))
+    assert model.num_params(non_embedding=False) == 124_439_808  # the famous "124M"
+    assert model.num_params() == 124_439_808 - 1024 * 768  # nanoGPT's "123.65M": minus wpe
+    c = model.config
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * 12 * 12 * 64 * 1024
+    assert GPTConfig.gpt2("gpt2-medium").n_layer == 24 and c.head_dim == 64
+
+
+def test_from_profile() -> None:
+    import minigpt
+
+    p = minigpt.profile("ci")
+    c = GPTConfig.from_profile(p, vocab_size=65)
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (
+        p.n_layer, p.n_head, p.n_embd, p.block_size, 65)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(n_embd=100, n_head=3), "n_embd=100 is not divisible by n_head=3; pick"),
+    (dict(n_layer=0), "n_layer=0 must be a positive integer"),
+    (dict(vocab_size=-5), "vocab_size=-5 must be a positive integer"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(attn_impl="flash"), "attn_impl"),
+])
+def test_config_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**SMALL, **kwargs})
+    with pytest.raises(ValueError, match="unknown GPT-2 size"):
+        GPTConfig.gpt2("7B")
+
+
+def test_too_long_input_error() -> None:
+    model = small_gpt()
+    with pytest.raises(ValueError, match=r"length 33 exceeds the model's block_size=32; crop"):
+        model(tokens(length=33))
+    cache = model.new_kv_cache(batch_size=3)
+    model(tokens(length=30), kv_cache=cache)
+    with pytest.raises(ValueError, match="after 30 cached positions"):
+        model(tokens(length=3), kv_cache=cache)
+
+
+def test_loss_ignores_minus_100() -> None:
+    model = small_gpt()
+    idx, targets = tokens(length=8), tokens(length=8, seed=2)
+    masked = targets.clone()
+    masked[:, :5] = -100
+    logits, loss = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 100), targets[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    # An untrained model is close to uniform: loss ~ ln(vocab).
+    assert abs(model(idx, targets)[1].item() - math.log(100)) < 0.2
+
+
+def test_module_shapes_and_kv_cache_layout() -> None:
+    config = GPTConfig(**SMALL)  # type: ignore[arg-type]
+    x = torch.randn(2, 5, 64)
+    y, att = CausalSelfAttention(config)(x)
+    assert y.shape == x.shape and att is None
+    y, att = Block(config)(x, need_weights=True)
+    assert y.shape == x.shape and att is not None and att.shape == (2, 4, 5, 5)
+    cache = KVCache(2, 2, 4, 16, 16)
+    assert cache.k.shape == (2, 2, 4, 16, 16) and cache.length == 0
+
+
+def test_train_step_reduces_loss() -> None:
+    model = small_gpt(dropout=0.1).train()
+    idx, targets = tokens(length=16), tokens(length=16, seed=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        _, loss = model(idx, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_from_pretrained_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()  # a name no cache holds, so the local lookup must miss
+    with pytest.raises(RuntimeError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE is set"):
+        GPT.from_pretrained("minigpt-tests/no-such-model")
+    assert time.perf_counter() - start < 5
