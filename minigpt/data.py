@@ -120,13 +120,14 @@ def shakespeare_splits(val_fraction: float = 0.1) -> tuple[list[str], list[str]]
     return train, val
 
 
-def require_hub(what: str, timeout: float = 3.0) -> None:
+def require_hub(what: str, *, remedy: str = "or use an offline corpus such as 'shakespeare'",
+                timeout: float = 3.0) -> None:
     """Fail in seconds, with what to do, unless the Hugging Face Hub is reachable right now.
 
     Without this a Hub id offline costs ~20 s of retries and ends in a stack trace.
     """
     hint = (f"{what} needs the Hugging Face Hub, which cannot be reached: {{why}}. Connect to the "
-            "internet (or set HF_ENDPOINT to a mirror), or use an offline corpus such as 'shakespeare'.")
+            f"internet (or set HF_ENDPOINT to a mirror), {remedy}.")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             raise RuntimeError(hint.format(why=f"{var} is set"))

@@ -14,16 +14,14 @@ module is its only reader and writer, so its tensor layout is an attention detai
 from __future__ import annotations
 
 import math
-import os
-import socket
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt.data import require_hub
 from minigpt.profiles import Profile
 
 AttnImpl = Literal["sdpa", "naive"]
@@ -376,23 +374,8 @@ class GPT(nn.Module):
         try:  # the local cache first: fast, and works offline
             hf = GPT2LMHeadModel.from_pretrained(name, local_files_only=True)
         except OSError:
-            _require_hub(name)
+            require_hub(f"GPT-2 weights {name!r} (not in the local Hugging Face cache)",
+                        remedy="or copy the model into the cache (`hf download gpt2` on a connected machine)")
             hf = GPT2LMHeadModel.from_pretrained(name)
         config = GPTConfig.from_hf_config(hf.config, **overrides)
         return cls.from_hf_state_dict(hf.state_dict(), config)
-
-
-def _require_hub(name: str, timeout: float = 3.0) -> None:
-    """Raise a clear error unless the Hugging Face Hub can be reached right now."""
-    hint = (f"{name!r} is not in the local Hugging Face cache and cannot be downloaded: {{why}}. "
-            "Connect to the internet (or set HF_ENDPOINT to a mirror), or copy the model into "
-            "the cache (e.g. `hf download gpt2` on a connected machine) and run again.")
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            raise RuntimeError(hint.format(why=f"{var} is set"))
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout).close()
-    except OSError as e:
-        raise RuntimeError(hint.format(why=f"{endpoint.geturl()} is unreachable ({e})")) from e

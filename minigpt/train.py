@@ -271,3 +271,23 @@ class Trainer:
                 tmp.write_text("".join(line + "\n" for line in kept))
                 os.replace(tmp, metrics)
         return True
+
+
+def plot_history(history: list[dict[str, Any]], ax: Any = None) -> Any:
+    """Plot training loss and validation loss against step from :attr:`Trainer.history` records
+    (or ``metrics.jsonl`` lines); returns the matplotlib axes. matplotlib is imported only here."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train loss", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax

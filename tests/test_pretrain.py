@@ -56,3 +56,20 @@ def test_sigkilled_run_resumes_on_the_same_loss_curve(straight_run, tmp_path):
     assert resumed.returncode == 0, log
     assert "resumed from" in log and "at step 2" in log
     assert _losses(tmp_path) == _losses(straight)  # bitwise: the same floats, step for step
+
+
+def test_plot_history_draws_train_and_val_curves(straight_run):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minigpt.train import plot_history
+
+    out, _ = straight_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ax = plot_history(records)
+    train, val = ax.get_lines()
+    assert list(train.get_xdata()) == [r["step"] for r in records]
+    assert list(val.get_ydata()) == [r["val_loss"] for r in records if "val_loss" in r]
+    plt.close(ax.figure)
