@@ -33,6 +33,7 @@ book: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) bench/bench_tokenizer.py
 	$(PYTHON) bench/bench_generate.py
+	$(PYTHON) bench/bench_train.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check minigpt tests bench

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/pretrain", help="folder for checkpoints, metrics and shards")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     for field in sum(_setting_fields(), []):
-        t.add_argument(f"--{field.name}", type=_TYPES[str(field.type)], metavar=str(field.type).upper())
+        flags = dict.fromkeys((f"--{field.name.replace('_', '-')}", f"--{field.name}"))  # both spellings
+        t.add_argument(*flags, dest=field.name, type=_TYPES[str(field.type)], metavar=str(field.type).upper())
     t.set_defaults(func=_cmd_pretrain)
     return parser
 

@@ -110,9 +110,12 @@ def next_token_probs(logits: torch.Tensor, idx: torch.Tensor | None = None, *, t
 def sample_next(logits: torch.Tensor, idx: torch.Tensor | None = None, *,
                 generator: torch.Generator | None = None, **filters: Any) -> torch.Tensor:
     """Draw one token per row from (B, V) ``logits``: returns (B,) token ids."""
+    if filters.get("temperature", 1.0) == 0:  # greedy: no random draw, so the generator is untouched
+        penalty = filters.get("repetition_penalty", 1.0)
+        if penalty != 1.0:
+            logits = filter_logits(logits, idx, repetition_penalty=penalty)
+        return logits.argmax(dim=-1)
     probs = next_token_probs(logits, idx, **filters)
-    if filters.get("temperature", 1.0) == 0:
-        return probs.argmax(dim=-1)  # greedy: no random draw, so the generator is untouched
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
@@ -148,8 +151,9 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: f
             f"block_size={block_size}, and the KV cache cannot slide past it; lower max_new_tokens to "
             f"{block_size - T}, or pass use_cache=False to condition on the last {block_size} tokens")
     stops = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=idx.device)
+    has_stops = len(stops) > 0
     if pad_token is None:
-        pad_token = int(stops[0]) if len(stops) else 0
+        pad_token = int(stops[0]) if has_stops else 0
     filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty)
 
@@ -160,23 +164,30 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: f
             idx = idx.to(model.transformer.wte.weight.device)
             stops = stops.to(idx.device)
             cache = model.new_kv_cache(B, T + max_new_tokens, dtype=_cache_dtype(model)) if use_cache else None
-            seq = idx  # every token so far, for the repetition penalty and the uncached path
+            # Every token so far (for the repetition penalty and the uncached path), preallocated
+            # so that a step writes one column instead of copying the whole sequence.
+            buffer = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
+            buffer[:, :T] = idx
             new = idx  # what the model has not seen yet: the prompt, then one token per step
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            for _ in range(max_new_tokens):
+            for t in range(T, T + max_new_tokens):
+                seq = buffer[:, :t]
                 if use_cache:
                     logits, _ = model(new, kv_cache=cache, last_only=True)
                 else:
                     logits, _ = model(seq[:, -block_size:], last_only=True)
                 token = sample_next(logits[:, -1, :], seq, generator=generator, **filters)
-                yield token.masked_fill(done, pad_token)
-                done = done | torch.isin(token, stops)
-                if bool(done.all()):
-                    return
-                # Finished rows keep decoding their own samples (any pad id may not be a valid
+                if not has_stops:  # no row can finish: skip the bookkeeping
+                    yield token
+                else:
+                    yield token.masked_fill(done, pad_token)
+                    done = done | torch.isin(token, stops)
+                    if bool(done.all()):
+                        return
+                # Finished rows keep decoding their own samples (a pad id may not be a valid
                 # token); what they produce is replaced by pad_token above.
-                new = token[:, None]
-                seq = torch.cat([seq, new], dim=1)
+                buffer[:, t] = token
+                new = buffer[:, t:t + 1]
     finally:
         model.train(was_training)
 

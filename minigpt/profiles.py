@@ -51,8 +51,8 @@ PROFILES: dict[str, Profile] = {
         name="cpu", device="cpu", dtype="float32", compile=False,
         corpus_chars=2_000_000, vocab_size=2048,
         n_layer=4, n_head=4, n_embd=128, block_size=128,
-        corpus="shakespeare", tokenizer="bpe", batch_size=12, total_batch_tokens=12 * 128,
-        max_steps=2000, warmup_steps=100, learning_rate=1e-3, eval_interval=250,
+        corpus="shakespeare", tokenizer="bpe", batch_size=16, total_batch_tokens=16 * 128,
+        max_steps=2000, warmup_steps=100, learning_rate=2e-3, eval_interval=250,
     ),
     "gpu": Profile(
         name="gpu", device="cuda", dtype="bfloat16", compile=True,

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-ARGS = ["--profile", "ci", "--max_steps", "40", "--checkpoint_interval", "10", "--log_interval", "1",
+ARGS = ["--profile", "ci", "--max_steps", "40", "--checkpoint-interval", "10", "--log_interval", "1",
         "--eval_interval", "20", "--sample_interval", "0"]
 
 
