@@ -32,7 +32,7 @@ def build(kind: str, shape: dict) -> torch.nn.Module:
         return GPT(GPTConfig(**shape))
     hf_config = GPT2Config(n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
                            n_positions=shape["block_size"], vocab_size=shape["vocab_size"],
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
     return GPT2LMHeadModel(hf_config)
 
 
