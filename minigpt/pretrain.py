@@ -5,6 +5,8 @@ corpus -> tokenizer -> token shards -> GPT -> :class:`~minigpt.train.Trainer`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from minigpt.data import CORPORA, PreparedCorpus, prepare_corpus
+from minigpt.checkpoint import load_checkpoint
+from minigpt.data import CORPORA, PreparedCorpus, cache_dir, prepare_corpus
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
 from minigpt.profiles import Profile
@@ -95,6 +98,30 @@ def pretrain(profile: Profile, out_dir: str | os.PathLike, *, resume: bool = Tru
               f"on {ddp.world_size} process(es), device {device}")
     trainer.fit(progress=progress)
     return trainer
+
+
+def pretrained_dir(profile: Profile) -> Path:
+    """Where :func:`pretrained` keeps the run for ``profile``: a folder in the cache named by the
+    profile and a hash of every setting, so a changed setting never reuses a stale model."""
+    digest = hashlib.sha256(json.dumps(settings(profile, train_config(profile)), sort_keys=True).encode())
+    return cache_dir() / "pretrained" / f"{profile.name}-{digest.hexdigest()[:12]}"
+
+
+def pretrained(profile: Profile, *, progress: bool = True) -> tuple[GPT, BPETokenizer]:
+    """The profile's pretrained model (in eval mode) and tokenizer, trained on first use.
+
+    Later chapters start from this instead of retraining: the first call runs :func:`pretrain`
+    into :func:`pretrained_dir` (resuming if a previous call was interrupted), later calls only
+    load the finished checkpoint.
+    """
+    out = pretrained_dir(profile)
+    checkpoint = out / "checkpoint.safetensors"
+    if checkpoint.exists():
+        model, state = load_checkpoint(checkpoint)
+        if state["step"] >= profile.max_steps:
+            return model.eval(), pretrain_tokenizer(profile, out)
+    trainer = pretrain(profile, out, progress=progress)
+    return trainer.raw_model.eval(), pretrain_tokenizer(profile, out)
 
 
 def _prepare(profile: Profile, out: Path, ddp: Distributed) -> tuple[BPETokenizer, PreparedCorpus]:

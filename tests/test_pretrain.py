@@ -73,3 +73,24 @@ def test_plot_history_draws_train_and_val_curves(straight_run):
     assert list(train.get_xdata()) == [r["step"] for r in records]
     assert list(val.get_ydata()) == [r["val_loss"] for r in records if "val_loss" in r]
     plt.close(ax.figure)
+
+
+def test_pretrained_trains_once_then_loads(tmp_path, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    import minigpt
+    from minigpt.pretrain import pretrained, pretrained_dir
+
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path))
+    P = dataclasses.replace(minigpt.profile("ci"), max_steps=4, eval_interval=2)
+    model, tok = pretrained(P, progress=False)
+    assert not model.training and (pretrained_dir(P) / "checkpoint.safetensors").exists()
+    metrics = (pretrained_dir(P) / "metrics.jsonl").read_text()
+    again, tok_again = pretrained(P, progress=False)
+    assert (pretrained_dir(P) / "metrics.jsonl").read_text() == metrics  # loaded, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert tok_again.encode("To be, or not to be") == tok.encode("To be, or not to be")
+    longer = dataclasses.replace(P, max_steps=5)
+    assert pretrained_dir(longer) != pretrained_dir(P)  # another setting, another run

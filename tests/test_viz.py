@@ -1,0 +1,306 @@
+"""minigpt.viz: payloads are small and decode back, the Python twin of the JavaScript sampler equals
+next_token_probs, the HTML copy is self-contained, plots draw, bad input fails clearly."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import traitlets  # noqa: E402
+
+from minigpt.generate import generate, next_token_probs  # noqa: E402
+from minigpt.model import GPT, GPTConfig  # noqa: E402
+from minigpt.tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
+from minigpt.viz import (  # noqa: E402
+    AttentionView,
+    SamplingExplorer,
+    attention_maps,
+    decode_attention,
+    encode_step,
+    filtered_distribution,
+    plot_attention,
+    plot_sampling,
+    token_label,
+)
+from minigpt.viz._widget import _script_json  # noqa: E402
+
+TEXT = "the quick brown fox jumps over the lazy dog, then naps."
+PROMPT32 = "the quick brown fox jumps over a"  # 32 characters
+
+
+@pytest.fixture(scope="module")
+def tok() -> CharTokenizer:
+    return CharTokenizer.from_text(TEXT)
+
+
+@pytest.fixture(scope="module")
+def model(tok: CharTokenizer) -> GPT:
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=4, n_head=4, n_embd=32))
+    with torch.no_grad():  # sharper attention and logits than a fresh init: a more telling test
+        m.transformer.wte.weight.mul_(10)
+        for block in m.transformer.h:
+            block.attn.c_attn.weight.mul_(8)
+    return m.eval()
+
+
+def test_import_minigpt_does_not_load_widget_libraries() -> None:
+    code = ("import sys, minigpt, minigpt.viz; "
+            "bad = [m for m in ('anywidget', 'ipywidgets', 'matplotlib') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- attention -------------------------------------------------------------------------------
+
+
+def test_attention_payload_is_small_and_decodes_back(model: GPT, tok: CharTokenizer) -> None:
+    view = AttentionView.from_model(model, tok, PROMPT32)
+    assert (view.n_layer, view.n_head, view.T) == (4, 4, 32)
+    payload = json.dumps(view._data, separators=(",", ":"))
+    assert len(payload.encode()) < 200_000, len(payload)
+    expected = np.stack([a.numpy() for a in attention_maps(model, tok.encode(PROMPT32))])
+    decoded = decode_attention(view._data)
+    assert np.abs(decoded - expected).max() <= 0.5 / 65535 + 1e-7
+    assert np.allclose(decoded.sum(-1), 1.0, atol=32 / 65535)
+    assert np.all(np.triu(decoded, k=1) == 0)  # the causal mask: nothing above the diagonal
+    # 8 bits: smaller, coarser, still within half a step.
+    small = AttentionView.from_model(model, tok, PROMPT32, bits=8)
+    assert np.abs(decode_attention(small._data) - expected).max() <= 0.5 / 255 + 1e-7
+    assert len(json.dumps(small._data)) < len(payload)
+
+
+def test_attention_maps_match_the_model(model: GPT, tok: CharTokenizer) -> None:
+    ids = tok.encode("the lazy dog")
+    model.train()
+    maps = attention_maps(model, ids)
+    assert model.training  # mode restored
+    model.eval()
+    _, _, atts = model(torch.tensor([ids]), return_attention=True)
+    assert len(maps) == 4 and maps[0].shape == (4, len(ids), len(ids))
+    for mine, ref in zip(maps, atts):
+        torch.testing.assert_close(mine, ref[0].detach())
+
+
+def test_attention_widget_validates_input(model: GPT, tok: CharTokenizer) -> None:
+    view = AttentionView.from_model(model, tok, "the fox", layer=3, head=2)
+    assert (view.layer, view.head) == (3, 2)
+    with pytest.raises(traitlets.TraitError, match=r"layer=4 is out of range.*4 layers"):
+        view.layer = 4
+    with pytest.raises(traitlets.TraitError, match=r"head=-1 is out of range.*4 heads"):
+        view.head = -1
+    with pytest.raises(traitlets.TraitError, match="layer=9"):
+        AttentionView.from_model(model, tok, "the fox", layer=9)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        AttentionView.from_model(model, tok, "")
+    with pytest.raises(ValueError, match=r"60 tokens.*block_size=48"):
+        AttentionView.from_model(model, tok, "the dog naps. " * 4 + "then")
+    with pytest.raises(ValueError, match="token labels"):
+        AttentionView(attention_maps(model, [1, 2, 3]), ["a", "b"])
+    with pytest.raises(ValueError, match="at most 256"):
+        AttentionView([torch.rand(1, 300, 300)], ["x"] * 300)
+    with pytest.raises(ValueError, match="same shape"):
+        AttentionView([torch.rand(2, 3, 3), torch.rand(2, 4, 4)], list("abc"))
+
+
+def test_token_labels_show_spaces_and_partial_utf8(tok: CharTokenizer) -> None:
+    assert token_label(tok, tok.encode(" ")[0]) == "\u2423"
+    bpe = BPETokenizer([])  # the 256 byte tokens only
+    assert token_label(bpe, ord("a")) == "a"
+    assert token_label(bpe, 0xE2) == "\\xe2"  # the first byte of a 3-byte character
+    assert token_label(bpe, ord("\n")) == "\u21b5"
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+SETTINGS = [
+    dict(temperature=1.0),
+    dict(temperature=0.0),
+    dict(temperature=0.5, top_k=5),
+    dict(temperature=1.3, top_k=1),
+    dict(temperature=0.8, top_p=0.9),
+    dict(temperature=2.0, top_p=0.5),
+    dict(temperature=1.0, min_p=0.1),
+    dict(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05),
+    dict(temperature=1.5, top_k=40, min_p=0.2),
+]
+
+
+def _reference(logits: torch.Tensor, s: dict) -> torch.Tensor:
+    return next_token_probs(logits[None], temperature=s["temperature"], top_k=s.get("top_k") or None,
+                            top_p=s.get("top_p"), min_p=s.get("min_p"))[0].double()
+
+
+def _check(step: dict, logits: torch.Tensor, s: dict) -> None:
+    f = filtered_distribution(step, **s)
+    assert f.exact, s
+    ref = _reference(logits, s)
+    np.testing.assert_allclose(f.probs, ref[f.ids].numpy(), atol=1e-6)
+    assert f.kept.tolist() == (ref[f.ids] > 0).tolist()
+    rest = np.setdiff1d(np.arange(logits.numel()), f.ids)
+    assert f.other == pytest.approx(float(ref[rest].sum()), abs=1e-6)
+    p = ref[ref > 0]
+    assert f.entropy == pytest.approx(float(-(p * p.log()).sum()), abs=1e-5)
+    np.testing.assert_allclose(f.model_probs, logits.double().softmax(-1)[f.ids].numpy(), atol=1e-7)
+
+
+@pytest.mark.parametrize("s", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_filtered_distribution_equals_next_token_probs(s: dict) -> None:
+    g = torch.Generator().manual_seed(1)
+    small = torch.randn(40, generator=g) * 2.5  # every token shipped
+    _check(encode_step(small, n_top=50), small, s)
+    big = torch.randn(1000, generator=g) * 2.5  # 50 shipped, 950 summarised as "other"
+    step = encode_step(big, n_top=50)
+    assert len(step["ids"]) == 50 and step["tail"]["count"] == 950
+    if filtered_distribution(step, **s).exact:
+        _check(step, big, s)
+    # The settings above that keep all of "other" or none of it are exact:
+    if s.get("top_k") or s == dict(temperature=1.0) or s["temperature"] == 0:
+        assert filtered_distribution(step, **s).exact
+
+
+def test_inexact_cases_are_flagged() -> None:
+    flat = torch.randn(1000, generator=torch.Generator().manual_seed(2)) * 0.1
+    step = encode_step(flat, n_top=50)
+    assert not filtered_distribution(step, temperature=1.0, top_p=0.5).exact  # nucleus ends in "other"
+    top = float(flat.max())
+    between = (np.exp(step["tail"]["min"] - top) + np.exp(step["tail"]["max"] - top)) / 2
+    assert not filtered_distribution(step, temperature=1.0, min_p=between).exact  # cut through "other"
+    assert filtered_distribution(step, temperature=1.0, min_p=0.01).exact  # keeps all of it
+    assert filtered_distribution(step, temperature=1.0, top_k=50).exact  # removes all of it
+
+
+def test_ties_never_straddle_the_shipped_set() -> None:
+    logits = torch.tensor([3.0, 2.0] + [1.0] * 10 + [0.0] * 20)
+    step = encode_step(logits, n_top=5)
+    assert len(step["ids"]) == 12  # the 1.0s are all shipped
+    _check(step, logits, dict(temperature=1.0, top_k=5))  # top-k keeps ties: 12 tokens
+
+
+def test_trace_replays_generate(model: GPT, tok: CharTokenizer) -> None:
+    s = SamplingExplorer.trace(model, tok, "the quick", 12, seed=3, temperature=0.9, top_k=8, top_p=0.95)
+    ids = torch.tensor([tok.encode("the quick")])
+    out = generate(model, ids, 12, temperature=0.9, top_k=8, top_p=0.95,
+                   generator=torch.Generator().manual_seed(3))
+    assert s.chosen == out[0, ids.size(1):].tolist()
+    assert (s.temperature, s.top_k, s.top_p, s.min_p) == (0.9, 8, 0.95, 0.0)
+    full = out[0, :-1]  # the logits of step t are the model's at position len(prompt) + t - 1
+    with torch.no_grad():
+        logits, _ = model(full[None])
+    torch.testing.assert_close(s.logits, logits[0, ids.size(1) - 1:], atol=1e-4, rtol=1e-4)
+    for step in range(s.n_steps):
+        s.step = step
+        f = s.distribution()
+        ref = next_token_probs(s.logits[step:step + 1], temperature=0.9, top_k=8, top_p=0.95)[0]
+        np.testing.assert_allclose(f.probs, ref[f.ids].numpy(), atol=1e-6)
+        assert f.probs[f.ids.index(s.chosen[step])] > 0  # the drawn token was in the kept set
+
+
+def test_trace_with_repetition_penalty_records_penalised_logits(model: GPT, tok: CharTokenizer) -> None:
+    s = SamplingExplorer.trace(model, tok, "the", 6, seed=0, temperature=0.0, repetition_penalty=1.5)
+    for step in range(s.n_steps):  # greedy: the drawn token is the argmax of the recorded logits
+        assert int(s.logits[step].argmax()) == s.chosen[step]
+    assert s._data["trace"]["repetition_penalty"] == 1.5
+
+
+def test_sampling_widget_validates_input(model: GPT, tok: CharTokenizer) -> None:
+    s = SamplingExplorer.from_model(model, tok, "the quick")
+    s.temperature = 0.35
+    s.temperature = 0
+    s.temperature = 0.33  # every token is shipped: any temperature is exact
+    for bad in (2.5, -1):
+        with pytest.raises(traitlets.TraitError, match=r"between 0 \(greedy\) and 2.0"):
+            s.temperature = bad
+    # With "other" summarised, only the grid's temperatures (and the one it was built with) are exact.
+    summarised = SamplingExplorer.from_model(model, tok, "the quick", n_top=10, temperature=0.73)
+    summarised.temperature = 0.5
+    summarised.temperature = 0.73
+    assert summarised.distribution().exact
+    with pytest.raises(traitlets.TraitError, match=r"temperature=0.33 is not on the explorer's grid.*e.g. 0.35"):
+        summarised.temperature = 0.33
+    _check(summarised._steps[0], summarised.logits[0], dict(temperature=0.73))
+    with pytest.raises(traitlets.TraitError, match=r"top_k=99 must be between 0 \(off\) and"):
+        s.top_k = 99
+    with pytest.raises(traitlets.TraitError, match="top_p=0.0"):
+        s.top_p = 0.0
+    with pytest.raises(traitlets.TraitError, match="min_p=1.5"):
+        s.min_p = 1.5
+    with pytest.raises(traitlets.TraitError, match=r"step=1 is out of range.*1 step"):
+        s.step = 1
+    with pytest.raises(ValueError, match="prompt is empty"):
+        SamplingExplorer.from_model(model, tok, "")
+    with pytest.raises(ValueError, match="block_size=48"):
+        SamplingExplorer.from_model(model, tok, "x" * 0 + "the lazy dog " * 4)
+    with pytest.raises(ValueError, match="finite"):
+        SamplingExplorer(torch.tensor([0.0, float("nan")]))
+
+
+# -- the two hosts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["attention", "sampling"])
+def test_mimebundle_has_live_view_and_self_contained_html(model: GPT, tok: CharTokenizer, kind: str) -> None:
+    if kind == "attention":
+        w = AttentionView.from_model(model, tok, PROMPT32, layer=1, head=2)
+    else:
+        w = SamplingExplorer.trace(model, tok, "the quick", 8, seed=0, temperature=0.8)
+    data, _ = w._repr_mimebundle_()
+    assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == w.model_id
+    html = data["text/html"]
+    assert not re.search(r"https?://", html)  # no CDN, no network
+    assert re.search(r"<(link|img|iframe)\b|\bsrc=", html) is None  # and no external files
+    assert _script_json(str(w._esm)) in html  # the very module anywidget runs
+    assert html.count("</script>") == 1  # nothing in the payload closes the script early
+    state = json.loads(re.search(r"const state = (.*);\n", html).group(1))
+    assert state["_data"] == json.loads(json.dumps(w._data))
+    if kind == "attention":
+        assert (state["layer"], state["head"]) == (1, 2)
+    else:
+        assert state["temperature"] == 0.8 and state["step"] == 0
+    assert "export default" in str(w._esm) and "http" not in str(w._esm)
+
+
+def test_save_html_writes_a_standalone_page(model: GPT, tok: CharTokenizer, tmp_path) -> None:
+    path = AttentionView.from_model(model, tok, "the fox").save_html(tmp_path / "a.html")
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>") and 'type="module"' in page
+    assert not re.search(r"https?://", page)
+
+
+# -- matplotlib twins ---------------------------------------------------------------------------
+
+
+def test_plot_attention(model: GPT, tok: CharTokenizer) -> None:
+    view = AttentionView.from_model(model, tok, "the fox")
+    fig, axes = plot_attention(view, layer=2)
+    assert len(axes) == 4 and len(fig.axes) == 4
+    assert axes[1].get_title() == "layer 2, head 1"
+    plt.close(fig)
+    fig, ax = plot_attention(view.attention, list("the fox"), layer=0, head=3)
+    assert [t.get_text() for t in ax.get_xticklabels()] == list("the fox")
+    assert np.ma.is_masked(ax.images[0].get_array()[0, 1])  # the causal upper triangle is blank
+    plt.close(fig)
+    with pytest.raises(ValueError, match="head=4"):
+        plot_attention(view, head=4)
+
+
+def test_plot_sampling(model: GPT, tok: CharTokenizer) -> None:
+    s = SamplingExplorer.from_model(model, tok, "the quick", temperature=0.7, top_k=5)
+    fig, ax = plot_sampling(s, n_top=10)
+    assert len(ax.patches) == 11  # 10 tokens + "other"
+    kept = [p for p in ax.patches if p.get_facecolor() == matplotlib.colors.to_rgba("tab:blue")]
+    assert len(kept) == 5
+    plt.close(fig)
+    fig, ax = plot_sampling(torch.randn(12), top_p=0.5)
+    assert len(ax.patches) == 12  # a vocabulary that fits: no "other"
+    plt.close(fig)
