@@ -118,8 +118,8 @@ def pretrained(profile: Profile, *, progress: bool = True) -> tuple[GPT, BPEToke
     checkpoint = out / "checkpoint.safetensors"
     if checkpoint.exists():
         model, state = load_checkpoint(checkpoint)
-        if state["step"] >= profile.max_steps:
-            return model.eval(), pretrain_tokenizer(profile, out)
+        if state["step"] >= profile.max_steps:  # on the device a fresh run would train on
+            return model.to(profile.device).eval(), pretrain_tokenizer(profile, out)
     trainer = pretrain(profile, out, progress=progress)
     return trainer.raw_model.eval(), pretrain_tokenizer(profile, out)
 

@@ -4,15 +4,13 @@ follows its selects, the sampling explorer's numbers equal next_token_probs, the
 Needs Chromium and Playwright for Python (Playwright cannot download its own browser here):
     apt-get install -y chromium
     pip install playwright
-Screenshots of both widgets, light and dark, go to /tmp/viz_shots/ (or $MINIGPT_VIZ_SHOTS).
+Screenshots of both widgets, light and dark, go to $MINIGPT_SHOTS (else a pytest temporary folder).
 """
 
 from __future__ import annotations
 
 import functools
 import http.server
-import os
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,18 +23,16 @@ import torch
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed "
                                                               "(pip install playwright)")
 
+from conftest import CHROMIUM  # noqa: E402  (after the importorskip above)
+
 from minigpt.generate import next_token_probs  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.tokenizer import CharTokenizer  # noqa: E402
 from minigpt.viz import AttentionView, SamplingExplorer  # noqa: E402
 
-CHROMIUM = os.environ.get("MINIGPT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
     pytest.skip("Chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-SHOTS = Path(os.environ.get("MINIGPT_VIZ_SHOTS", "/tmp/viz_shots"))
 TEXT = "The quick brown fox jumps over the lazy dog; then it naps in the sun."
 
 PAGE = """<!doctype html>
@@ -89,15 +85,6 @@ def url(widgets: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> It
         server.shutdown()
         server.server_close()
 
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture()
@@ -277,7 +264,7 @@ def test_trace_steps(page: Any, widgets: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
-def test_screenshots(browser: Any, url: str, scheme: str) -> None:
+def test_screenshots(browser: Any, url: str, scheme: str, shots_dir: Path) -> None:
     context = browser.new_context(viewport={"width": 1000, "height": 900}, color_scheme=scheme,
                                   device_scale_factor=1)
     page = context.new_page()
@@ -286,16 +273,15 @@ def test_screenshots(browser: Any, url: str, scheme: str) -> None:
     page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url.rsplit("/", 1)[0]) else r.abort())
     page.goto(url)
     page.wait_for_selector("#other .mgv-bars .mgv-row")
-    SHOTS.mkdir(parents=True, exist_ok=True)
     page.select_option("#attention select[data-role=head]", "1")
     page.hover("#attention rect.mgv-cell[data-q='9'][data-k='4']")
-    page.locator("#attention").screenshot(path=str(SHOTS / f"attention_{scheme}.png"))
+    page.locator("#attention").screenshot(path=str(shots_dir / f"attention_{scheme}.png"))
     page.click("#trace button[data-role=next]")
     page.click("#trace button[data-role=next]")
     page.fill("#trace input[data-role=top_p]", "0.9")
-    page.locator("#trace").screenshot(path=str(SHOTS / f"sampling_trace_{scheme}.png"))
-    page.locator("#other").screenshot(path=str(SHOTS / f"sampling_other_{scheme}.png"))
+    page.locator("#trace").screenshot(path=str(shots_dir / f"sampling_trace_{scheme}.png"))
+    page.locator("#other").screenshot(path=str(shots_dir / f"sampling_other_{scheme}.png"))
     for name in ("attention", "sampling_trace", "sampling_other"):
-        assert (SHOTS / f"{name}_{scheme}.png").stat().st_size > 5_000
+        assert (shots_dir / f"{name}_{scheme}.png").stat().st_size > 5_000
     assert errors == []
     context.close()
