@@ -60,39 +60,59 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, **state: Any) -> Path:
     """Write model (+ optimizer, RNG) and JSON-serialisable ``state`` atomically to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     gpt = _unwrap(model)
     tensors = {**_model_tensors(gpt), **_rng_tensors()}
     meta: dict[str, Any] = {"config": dataclasses.asdict(gpt.config), "state": state}
     if optimizer is not None:
         optim_tensors, meta["optimizer"] = _optimizer_tensors(optimizer)
         tensors.update(optim_tensors)
+    return write_safetensors(path, tensors, {"format": FORMAT, "version": str(VERSION),
+                                             "minigpt": json.dumps(meta)})
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically: to a temporary name, flushed to disk, then renamed
+    into place, so a crash mid-write leaves the old file (or none), never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION),
-                                           "minigpt": json.dumps(meta)})
+    save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
 
 
-def _open(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_safetensors(path: str | os.PathLike, what: str, *,
+                     tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (none with ``tensors=False``: the header alone is cheap) and metadata of a
+    safetensors file; a missing or damaged file raises an error naming it as ``what``."""
+    path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as err:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"{path} is not a readable checkpoint ({err}); it may be truncated: "
-                         "delete it and resume from an earlier one") from err
+        raise ValueError(f"{path} is not a readable {what} ({err}); it may be truncated: "
+                         "delete it, or resume from an earlier one") from err
+    return loaded, header
+
+
+def _open(path: Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors_, header = read_safetensors(path, "checkpoint", tensors=tensors)
     if header.get("format") != FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a minigpt checkpoint "
                          "(for transformers' GPT-2 weights use GPT.from_hf_state_dict)")
     if int(header["version"]) > VERSION:
         raise ValueError(f"{path} has checkpoint version {header['version']}; upgrade minigpt to read it")
-    return tensors, json.loads(header["minigpt"])
+    return tensors_, json.loads(header["minigpt"])
+
+
+def checkpoint_config(path: str | os.PathLike) -> GPTConfig:
+    """The model config stored in a checkpoint, read from its header without loading tensors."""
+    return GPTConfig(**_open(Path(path), tensors=False)[1]["config"])
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = None,

@@ -77,6 +77,69 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
         print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
 
 
+def _cmd_sft(args: argparse.Namespace) -> None:
+    from minigpt.sft import sft
+
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("learning_rate", args.learning_rate))
+                 if v is not None}
+    run = sft(profile(args.profile), args.base, args.out, task=args.task, lora=args.lora or None,
+              resume=not args.restart, **overrides)
+    if run.trainer.ddp.is_main:
+        print(f"chat with it: minigpt chat {args.out}")
+
+
+_CHAT_HELP = """commands: /reset forgets the conversation, /temp T sets the temperature (0 = greedy),
+/help shows this, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer"""
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from minigpt.chat import ChatSession
+    from minigpt.sft import load_sft
+
+    model, tok = load_sft(args.run)
+    chat = ChatSession(model, tok, system=args.system, temperature=args.temperature, top_p=args.top_p,
+                       max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(f"chatting with {args.run} ({model.num_params(non_embedding=False) / 1e6:.2f}M parameters); {_CHAT_HELP}")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, value = line.partition(" ")
+            if command == "/quit":
+                return
+            if command == "/reset":
+                chat.reset()
+                print("(conversation forgotten)")
+            elif command == "/temp":
+                try:
+                    chat.temperature = float(value)
+                    if chat.temperature < 0:
+                        raise ValueError
+                    print(f"(temperature {chat.temperature:g})")
+                except ValueError:
+                    print(f"(/temp needs a number >= 0, such as /temp 0.7; it is {chat.temperature:g})")
+            else:
+                print(f"({_CHAT_HELP})")
+            continue
+        dropped = chat.dropped_turns
+        print("assistant> ", end="", flush=True)
+        try:
+            for piece in chat.reply(line):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        except ValueError as err:
+            print(f"({err})", end="")
+        print()
+        if chat.dropped_turns > dropped:
+            print(f"(the chat outgrew the model's context: its {chat.dropped_turns} oldest exchange(s) are forgotten)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
         flags = dict.fromkeys((f"--{field.name.replace('_', '-')}", f"--{field.name}"))  # both spellings
         t.add_argument(*flags, dest=field.name, type=_TYPES[str(field.type)], metavar=str(field.type).upper())
     t.set_defaults(func=_cmd_pretrain)
+
+    from minigpt.sft import TASK_CHOICES
+
+    t = sub.add_parser("sft", help="fine-tune a pretrained GPT to answer in the chat format",
+                       description="Supervised fine-tuning on offline tasks with checkable answers; prints "
+                                   "held-out exact match. Settings default to the profile's (minigpt.sft.SFT_SETTINGS).")
+    t.add_argument("--profile", help="ci, cpu, gpu or full (default: see minigpt.profile)")
+    t.add_argument("--out", default="runs/sft", help="folder for checkpoints, metrics and the chat tokenizer")
+    t.add_argument("--base", help="'pretrained' (the profile's cached model, trained on first use), 'fresh' "
+                                  "(random weights) or a `minigpt pretrain` folder; default: the profile's choice")
+    t.add_argument("--task", default="arithmetic", choices=TASK_CHOICES, help="what to learn (default: arithmetic)")
+    t.add_argument("--lora", action="store_true", help="train LoRA adapters only (minigpt.sft.lora_settings)")
+    t.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, help="optimizer steps")
+    t.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, help="peak learning rate")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    t.set_defaults(func=_cmd_sft)
+
+    c = sub.add_parser("chat", help="talk to a fine-tuned model in the terminal",
+                       description=_CHAT_HELP.replace("\n", " "))
+    c.add_argument("run", help="the --out folder of `minigpt sft`")
+    c.add_argument("--system", help="a system message to start every conversation with")
+    c.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+    c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
+    c.add_argument("--max-new-tokens", type=int,
+                   help="longest answer in tokens (default: half the model's context, at most 128)")
+    c.add_argument("--seed", type=int, help="for answers that repeat from run to run")
+    c.set_defaults(func=_cmd_chat)
     return parser
 
 

@@ -1,0 +1,445 @@
+"""Supervised fine-tuning (SFT): teach a pretrained GPT to answer in the chat format.
+
+SFT is pretraining's loop on other batches. :class:`SFTSource` serves rendered conversations
+(:func:`minigpt.chat.render`) as ``(inputs, targets)`` with ``-100`` wherever the model should
+not learn, and :func:`sft` hands it to the same :class:`~minigpt.train.Trainer` that pretrains,
+so checkpoints, resuming, logging and DDP come for free. With ``lora=...`` only low-rank adapters
+train (:mod:`minigpt.lora`).
+
+**How the loss averages.** ``GPT.forward`` averages the loss over the learned (non ``-100``)
+tokens of one micro-batch, and the Trainer averages those means over ``grad_accum``
+micro-batches. So within a micro-batch every answer token counts the same (a long answer counts
+more than a short one); across micro-batches each micro-batch counts the same, whatever its number
+of answer tokens. The offline profiles use one micro-batch per step, where this is exactly the
+mean over the step's answer tokens.
+
+**The base model.** The profile's pretrained model (the default from ``cpu`` up), random
+weights (``"fresh"``: the better start at ``ci``, where the pretrained model has had only 100
+steps; see :data:`SFT_SETTINGS`), a pretrain run's folder, or a :class:`~minigpt.model.GPT` with
+its tokenizer. The chat tokens are appended to the tokenizer, and the model's embedding grows to
+match (:func:`resize_vocab`).
+
+**Digits.** The BPE pre-split (GPT-4's pattern) cuts numbers into groups of at most three digits,
+and a tokenizer trained on Shakespeare has learned no merges of digits, so "85" is the two
+tokens "8" "5": every number is spelled digit by digit, which is what makes carrying learnable.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from minigpt.chat import END_OF_TURN, Conversation, check_chat_tokenizer, render, with_chat_tokens
+from minigpt.checkpoint import checkpoint_config, load_checkpoint
+from minigpt.lora import DEFAULT_TARGETS, apply_lora, save_lora, trainable_fraction
+from minigpt.model import GPT, GPTConfig
+from minigpt.pretrain import pretrain_tokenizer, pretrained, pretrained_dir
+from minigpt.profiles import Profile
+from minigpt.tasks import TASKS, answers, arithmetic, exact_match, make_task, mixture
+from minigpt.tokenizer import BPETokenizer, get_encoding
+from minigpt.train import TrainConfig, Trainer, init_distributed
+
+__all__ = [
+    "SFT_SETTINGS",
+    "SFTRun",
+    "SFTSettings",
+    "SFTSource",
+    "TASK_CHOICES",
+    "load_base",
+    "load_sft",
+    "lora_settings",
+    "resize_vocab",
+    "sft",
+    "sft_config",
+    "sft_settings",
+    "task_data",
+]
+
+TooLong = Literal["error", "truncate", "drop"]
+
+
+class SFTSource:
+    """A :class:`~minigpt.train.BatchSource` over conversations: one conversation per row,
+    right-padded to the longest in the batch (rounded up to ``pad_multiple``: 8 suits GPU
+    matmuls, 1 wastes nothing on a CPU).
+
+    Targets are the next token where the loss mask is on and ``-100`` elsewhere (padding
+    included), so padding changes nothing but the amount of work. The order is a fresh
+    permutation of all conversations per epoch, drawn from ``(seed, epoch)``; the position is
+    two integers, so a resumed run continues with the very same batches. In a distributed run
+    rank ``r`` takes the ``r``-th of ``world_size`` consecutive batches, as
+    :class:`~minigpt.shards.ShardLoader` does; an epoch's last, incomplete step is skipped.
+
+    Conversations longer than ``block_size + 1`` tokens raise ``ValueError`` (``too_long="error"``),
+    are cut to that length (``"truncate"``, see :func:`~minigpt.chat.render`) or left out (``"drop"``).
+    """
+
+    def __init__(self, conversations: Sequence[Conversation], tokenizer: BPETokenizer, batch_size: int,
+                 block_size: int, *, seed: int = 0, shuffle: bool = True, too_long: TooLong = "error",
+                 rank: int = 0, world_size: int = 1, pad_multiple: int = 1) -> None:
+        if too_long not in ("error", "truncate", "drop"):
+            raise ValueError(f"too_long={too_long!r} must be 'error', 'truncate' or 'drop'")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.batch_size, self.block_size = batch_size, block_size
+        self.seed, self.shuffle, self.pad_multiple = seed, shuffle, pad_multiple
+        self.rank, self.world_size = rank, world_size
+        self.pad_id = check_chat_tokenizer(tokenizer)[END_OF_TURN]
+        self.examples: list[tuple[list[int], list[bool]]] = []
+        self.dropped = 0
+        max_tokens = block_size + 1  # inputs are ids[:-1], targets ids[1:]
+        for i, conv in enumerate(conversations):
+            ids, mask = render(conv, tokenizer)
+            if len(ids) > max_tokens:
+                if too_long == "drop":
+                    self.dropped += 1
+                    continue
+                if too_long == "error":
+                    raise ValueError(f"conversation {i} renders to {len(ids)} tokens, more than block_size + 1 "
+                                     f"= {max_tokens}; pass too_long='drop' to leave such conversations out "
+                                     "or too_long='truncate' to cut them")
+                ids, mask = ids[:max_tokens], mask[:max_tokens]
+            if any(mask[1:]):  # a truncated conversation may have nothing left to learn
+                self.examples.append((ids, mask))
+            else:
+                self.dropped += 1
+        self.stride = batch_size * world_size  # conversations all ranks consume per step
+        if len(self.examples) < self.stride:
+            raise ValueError(f"{len(self.examples)} usable conversations are fewer than one step needs "
+                             f"(batch_size x world_size = {self.stride}); give more data or a smaller batch")
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        n = len(self.examples)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def collate(self, rows: Sequence[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rendered conversations -> right-padded (inputs, targets), targets -100 where not learned."""
+        longest = max(len(ids) - 1 for ids, _ in rows)
+        width = min(self.block_size, -(-longest // self.pad_multiple) * self.pad_multiple)
+        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        y = torch.full((len(rows), width), -100, dtype=torch.long)
+        for r, (ids, mask) in enumerate(rows):
+            n = len(ids) - 1
+            x[r, :n] = torch.tensor(ids[:-1])
+            y[r, :n] = torch.where(torch.tensor(mask[1:]), torch.tensor(ids[1:]), -100)
+        return x, y
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position + self.stride > len(self._order):  # the epoch is used up: a new order
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        start = self.position + self.rank * self.batch_size
+        rows = [self.examples[i] for i in self._order[start:start + self.batch_size]]
+        self.position += self.stride
+        return self.collate(rows)
+
+    def reset(self) -> None:
+        """Back to the first batch of the first epoch."""
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "examples": len(self.examples), "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "examples", "world_size"):
+            if state[key] != mine[key]:
+                raise ValueError(f"the saved data position is for {key}={state[key]}, but this run has "
+                                 f"{mine[key]}; resume with the same data, seed and number of processes")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The base model
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def resize_vocab(model: GPT, vocab_size: int, *, seed: int = 0) -> GPT:
+    """A copy of ``model`` whose token embedding (tied to the output head) has ``vocab_size`` rows.
+
+    Old rows are kept, so logits of old tokens are unchanged. New rows are drawn around the mean
+    of the old ones with their per-dimension spread (Hewitt 2021, "Initializing new word
+    embeddings"): a new token starts as a plausible, average token -- not one the model
+    predicts wildly -- and each gets its own vector, so the chat tokens can be told apart
+    even where the embedding stays frozen (LoRA).
+    """
+    old = model.config.vocab_size
+    if vocab_size < old:
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the model's {old}; shrinking would drop tokens")
+    if vocab_size == old:
+        return copy.deepcopy(model)
+    weight = model.transformer.wte.weight
+    bigger = GPT(dataclasses.replace(model.config, vocab_size=vocab_size)).to(device=weight.device, dtype=weight.dtype)
+    state = {k: v for k, v in model.state_dict().items() if k not in ("transformer.wte.weight", "lm_head.weight")}
+    bigger.load_state_dict(state, strict=False)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(vocab_size - old, weight.size(1), generator=generator).to(weight)
+    new = bigger.transformer.wte.weight
+    new[:old] = weight
+    new[old:] = weight.mean(dim=0) + noise * weight.std(dim=0)
+    return bigger
+
+
+Base = str | os.PathLike | GPT | None
+
+
+def load_base(base: Base, profile: Profile, *, tokenizer: BPETokenizer | None = None,
+              seed: int = 0) -> tuple[GPT, BPETokenizer]:
+    """The model to fine-tune and its tokenizer, with the chat tokens (see module docstring).
+
+    ``base`` is one of
+      * None: the start :data:`SFT_SETTINGS` names for ``profile`` ("pretrained" or "fresh");
+      * ``"pretrained"``: the profile's cached pretrained model (:func:`minigpt.pretrain.pretrained`,
+        trained on first use);
+      * ``"fresh"``: random weights of the profile's size, with the profile's pretraining tokenizer;
+      * a pretrain folder or checkpoint file (write ``./pretrained`` for a folder of that name);
+      * a GPT (copied, never changed), with its ``tokenizer``.
+    """
+    if base is None:
+        base = sft_settings(profile).base
+    if isinstance(base, str) and base == "pretrained":
+        base, own = pretrained(profile, progress=False)
+        tokenizer = tokenizer or own
+    if isinstance(base, str) and base == "fresh":
+        tokenizer = tokenizer or pretrain_tokenizer(profile, pretrained_dir(profile))
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig.from_profile(profile, vocab_size=tokenizer.vocab_size))
+    elif isinstance(base, GPT):
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer the base model was trained with: sft(..., tokenizer=...)")
+        model = copy.deepcopy(base).train()
+    else:
+        path = Path(base)
+        if not path.exists():
+            raise FileNotFoundError(f"base model {path} does not exist; give 'pretrained', 'fresh', the folder "
+                                    "of a `minigpt pretrain` run or a checkpoint file")
+        folder, ckpt = (path, path / "checkpoint.safetensors") if path.is_dir() else (path.parent, path)
+        if tokenizer is None:
+            if (folder / "tokenizer.bpe").exists():
+                tokenizer = BPETokenizer.load(folder / "tokenizer.bpe")
+            elif profile.tokenizer == "gpt2":
+                tokenizer = BPETokenizer.from_tiktoken(get_encoding("gpt2"))
+            else:
+                raise FileNotFoundError(f"no tokenizer.bpe next to {ckpt}; pass tokenizer=... or point "
+                                        "base at the folder of a `minigpt pretrain` run")
+        model, _ = load_checkpoint(ckpt)
+    tokenizer = with_chat_tokens(tokenizer)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        model = resize_vocab(model, tokenizer.vocab_size, seed=seed)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """SFT's own knobs per profile (the model's size comes from the profile itself)."""
+
+    base: str  # "pretrained" or "fresh": the better start at this size, as measured
+    max_steps: int
+    batch_size: int  # conversations per micro-batch
+    learning_rate: float  # full fine-tuning
+    lora_learning_rate: float  # adapters want a larger step than full weights
+    lora_rank: int  # the smallest that keeps LoRA under 5% of the parameters at this width
+    warmup_steps: int
+    max_operand: int  # the default task: sums and differences of 0..max_operand
+    n_test: int | None  # held-out problems for exact match (None: all of them)
+    eval_interval: int
+
+
+# Measured on 2 CPU cores (figures in the SFT chapter):
+# * ci (2 layers, width 64, 200 steps): one-digit sums and differences reach 0.82-1.0 held-out
+#   exact match from a fresh model (4 seeds), but only 0.06-0.65 (by learning rate) from the
+#   100-step Shakespeare model, a worse start than random weights at this size; two-digit operands
+#   stay on a plateau (<= 0.15) for over 1,000 steps whatever the batch or learning rate.
+# * cpu (4 layers, width 128): 0..99 reaches 0.944 on 500 held-out problems in 2,000 steps of 64
+#   (4.3 minutes) from the pretrained model; the fresh model learns more slowly (0.65 against 0.75
+#   in 1,000 steps of 128). More, smaller steps beat fewer, larger ones for the same tokens.
+#   LoRA (3% of the parameters, learning rate 1e-2; 3e-2 stalls) ends near 0.11: a new skill
+#   needs more than a low-rank change (the chapter measures what LoRA keeps in exchange).
+# Fine-tuning uses a learning rate like pretraining's: the task is new to the model, so there is
+# little pretrained knowledge to protect.
+SFT_SETTINGS: dict[str, SFTSettings] = {
+    "ci": SFTSettings(base="fresh", max_steps=200, batch_size=128, learning_rate=5e-3, lora_learning_rate=1e-2,
+                      warmup_steps=20, max_operand=9, n_test=None, eval_interval=100,
+                      lora_rank=2),
+    "cpu": SFTSettings(base="pretrained", max_steps=2000, batch_size=64, learning_rate=3e-3,
+                       lora_learning_rate=1e-2, warmup_steps=50, max_operand=99, n_test=500, eval_interval=500,
+                       lora_rank=4),
+    "gpu": SFTSettings(base="pretrained", max_steps=2000, batch_size=128, learning_rate=1e-3,
+                       lora_learning_rate=5e-3, warmup_steps=100, max_operand=99, n_test=1000, eval_interval=250,
+                       lora_rank=16),
+    "full": SFTSettings(base="pretrained", max_steps=2000, batch_size=128, learning_rate=3e-4,
+                        lora_learning_rate=3e-3, warmup_steps=100, max_operand=99, n_test=1000, eval_interval=250,
+                        lora_rank=16),
+}
+
+
+def lora_settings(profile: Profile) -> dict[str, Any]:
+    """:func:`~minigpt.lora.apply_lora`'s arguments for ``profile``: every linear layer of every
+    block (at ``cpu``, rank 4 on all of them beat rank 8 on c_attn and c_fc alone for fewer
+    parameters, 1.45 against 1.95 loss at step 500) at the profile's rank, alpha = 2 r."""
+    r = sft_settings(profile).lora_rank
+    return {"targets": DEFAULT_TARGETS, "r": r, "alpha": 2.0 * r, "dropout": 0.0}
+
+
+def sft_settings(profile: Profile) -> SFTSettings:
+    if profile.name not in SFT_SETTINGS:
+        raise ValueError(f"no SFT settings for profile {profile.name!r}; add them to minigpt.sft.SFT_SETTINGS")
+    return SFT_SETTINGS[profile.name]
+
+
+TASK_CHOICES = (*TASKS, "mixture")
+TRAIN_EXAMPLES = 20_000  # for a generated task or the mixture (arithmetic enumerates every problem)
+
+
+def task_data(profile: Profile, task: str, split: str, *, seed: int = 0) -> list[Conversation]:
+    """The default data of :func:`sft`: every arithmetic problem of the split up to the profile's
+    ``max_operand`` (``n_test`` of them held out), or generated examples of another offline task."""
+    s = sft_settings(profile)
+    if task not in TASK_CHOICES:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
+    if task == "arithmetic":
+        return arithmetic(None if split == "train" else s.n_test, split=split, seed=seed, max_operand=s.max_operand)
+    n = TRAIN_EXAMPLES if split == "train" else s.n_test or 200
+    if task == "mixture":
+        return mixture(n, split=split, seed=seed)
+    return make_task(task, n, split=split, seed=seed)
+
+
+def sft_config(profile: Profile, *, lora: bool = False, **overrides: Any) -> TrainConfig:
+    """The Trainer's settings for SFT at ``profile``; ``overrides`` win."""
+    s = sft_settings(profile)
+    base = dict(max_steps=s.max_steps, grad_accum=1, warmup_steps=s.warmup_steps,
+                learning_rate=s.lora_learning_rate if lora else s.learning_rate,
+                eval_interval=s.eval_interval, eval_steps=4, log_interval=10,
+                checkpoint_interval=s.eval_interval, sample_interval=s.eval_interval,
+                dtype=profile.dtype, compile=profile.compile)
+    return TrainConfig(**{**base, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTRun:
+    """What :func:`sft` returns: the trainer (model, history), the chat tokenizer, the data and
+    the held-out exact match at the end."""
+
+    trainer: Trainer
+    tokenizer: BPETokenizer
+    train: list[Conversation]
+    test: list[Conversation]
+    exact_match: float
+
+    @property
+    def model(self) -> GPT:
+        return self.trainer.raw_model
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.trainer.history
+
+
+def sft(profile: Profile, base: Base, out_dir: str | os.PathLike, *,
+        tokenizer: BPETokenizer | None = None, task: str = "arithmetic",
+        train: Sequence[Conversation] | None = None, test: Sequence[Conversation] | None = None,
+        lora: bool | Mapping[str, Any] | None = None,
+        too_long: TooLong = "error", resume: bool = True, progress: bool = True,
+        **train_overrides: Any) -> SFTRun:
+    """Fine-tune ``base`` (see :func:`load_base`) on ``train`` and measure exact match on ``test``.
+
+    The data default to ``task``'s train and held-out splits (:func:`task_data`). ``lora=True``
+    trains only LoRA adapters with :func:`lora_settings`;
+    a dict overrides them (``targets``, ``r``, ``alpha``, ``dropout``). Checkpoints, metrics,
+    ``tokenizer.bpe``, ``sft.json`` and, with LoRA, ``lora.safetensors`` go to ``out_dir``; a run
+    with a checkpoint there continues from it (``resume=False`` starts over). ``train_overrides``
+    are :class:`~minigpt.train.TrainConfig` fields.
+    """
+    ddp, device = init_distributed(profile.device)
+    settings = sft_settings(profile)
+    out = Path(out_dir)
+    cfg = sft_config(profile, lora=bool(lora), **train_overrides)
+    model, tok = load_base(base, profile, tokenizer=tokenizer, seed=cfg.seed)
+    lora_kwargs = None
+    if lora:
+        lora_kwargs = {**lora_settings(profile), **(lora if isinstance(lora, Mapping) else {})}
+        torch.manual_seed(cfg.seed)  # the adapters' A matrices are random
+        apply_lora(model, **lora_kwargs)
+    generated = train is None
+    train = list(train) if train is not None else task_data(profile, task, "train", seed=cfg.seed)
+    test = list(test) if test is not None else task_data(profile, task, "test", seed=cfg.seed)
+    block = model.config.block_size
+    pad = 8 if device.startswith("cuda") else 1
+    source = SFTSource(train, tok, settings.batch_size, block, seed=cfg.seed, too_long=too_long,
+                       rank=ddp.rank, world_size=ddp.world_size, pad_multiple=pad)
+    val = SFTSource(test, tok, min(settings.batch_size, len(test)), block, shuffle=False, too_long="drop")
+    if "eval_steps" not in train_overrides:  # no more validation batches than the held-out set fills
+        cfg = dataclasses.replace(cfg, eval_steps=max(1, min(cfg.eval_steps, len(val) // val.batch_size)))
+
+    def sample(m: GPT) -> str:
+        q = test[0]
+        return f"{q.prompt[-1].content} -> {answers(m, tok, [q])[0]!r} (expected {q.answer!r})"
+
+    if ddp.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # Trainer appends to metrics.jsonl; a fresh start must not inherit old lines
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        tok.save(out / "tokenizer.bpe")
+        (out / "sft.json").write_text(json.dumps({"profile": profile.name, "task": task if generated else "custom",
+                                                  "lora": lora_kwargs}, indent=1))
+    trainer = Trainer(model, cfg, source, val, device=device, out_dir=out, ddp=ddp, sample=sample)
+    if resume and trainer.resume() and ddp.is_main:
+        print(f"resumed from {trainer.checkpoint_path} at step {trainer.step}")
+    if ddp.is_main:
+        what = (f"LoRA {lora_kwargs}, {trainable_fraction(model):.1%} of parameters trainable" if lora_kwargs
+                else "full fine-tuning")
+        print(f"SFT: {len(source)} conversations ({source.dropped} dropped), {len(test)} held out; {what}; "
+              f"{cfg.max_steps} steps of {settings.batch_size} conversations on {device}")
+    trainer.fit(progress=progress)
+    score = exact_match(trainer.raw_model, tok, test)
+    if ddp.is_main:
+        if lora_kwargs:
+            save_lora(trainer.raw_model, out / "lora.safetensors")
+        print(f"held-out exact match: {score:.3f} on {len(test)} conversations")
+    return SFTRun(trainer, tok, train, test, score)
+
+
+def load_sft(out_dir: str | os.PathLike) -> tuple[GPT, BPETokenizer]:
+    """The fine-tuned model and chat tokenizer of an :func:`sft` run (adapters in place, unmerged)."""
+    out = Path(out_dir)
+    meta_path = out / "sft.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} does not exist: {out} is not the folder of a fine-tuning run; "
+                                "make one with `minigpt sft --out FOLDER` (or minigpt.sft.sft)")
+    meta = json.loads(meta_path.read_text())
+    tok = BPETokenizer.load(out / "tokenizer.bpe")
+    path = out / "checkpoint.safetensors"
+    model = GPT(checkpoint_config(path))
+    if meta["lora"]:
+        apply_lora(model, **{**meta["lora"], "targets": tuple(meta["lora"]["targets"])})
+    load_checkpoint(path, model)
+    return model, tok

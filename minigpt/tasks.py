@@ -1,0 +1,380 @@
+"""Instruction data with answers a program can check, and the evaluation that checks them.
+
+Offline, every example comes from a small seeded program, so a test can assert that fine-tuning
+really worked (exact match on held-out questions) instead of eyeballing samples:
+
+* :func:`arithmetic` -- "What is 37 + 48?" -> "85" (sums and differences of small numbers);
+* :func:`world_qa` -- a little generated world in the system message ("Alice lives in Oslo.
+  Alice has a cat. ...") and questions about it, sometimes two turns long;
+* :func:`string_tasks` -- reverse, spell in capitals, count the letters of made-up words.
+
+**Splits.** Each example has a key (the arithmetic question, the world, the word); a hash of the
+key puts it in ``"train"`` or ``"test"`` (10% held out), so the splits never overlap, for any
+seed or size, and the same call always returns the same examples.
+
+Online, :func:`load_chat_data` maps Alpaca-cleaned and SmolTalk (through ``datasets``) onto the same
+:class:`~minigpt.chat.Conversation`, for the ``gpu``/``full`` profiles.
+
+:func:`exact_match` answers greedily, stopping at ``<|end|>``, and compares normalised answers;
+with ``few_shot`` examples it measures a base model instead, prompted with plain text
+("Q: ... A: ..."), so the chapter can put in-context learning and SFT side by side on the same
+held-out questions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigpt.chat import END_OF_TURN, Conversation, Message, check_chat_tokenizer, render_prompt
+from minigpt.data import require_hub
+from minigpt.generate import generate
+from minigpt.model import GPT
+from minigpt.tokenizer import BPETokenizer
+
+__all__ = [
+    "HELD_OUT",
+    "ONLINE",
+    "SPLITS",
+    "TASKS",
+    "alpaca_conversation",
+    "answers",
+    "arithmetic",
+    "exact_match",
+    "few_shot_prompt",
+    "load_chat_data",
+    "make_task",
+    "mixture",
+    "normalize_answer",
+    "smoltalk_conversation",
+    "split_of",
+    "string_tasks",
+    "world_qa",
+]
+
+SPLITS = ("train", "test")
+HELD_OUT = 0.1  # fraction of keys in the "test" split
+
+
+def split_of(key: str) -> str:
+    """``"test"`` for about 10% of keys, ``"train"`` for the rest: a hash, so it never changes."""
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return "test" if h / 2**64 < HELD_OUT else "train"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} must be one of {SPLITS}")
+
+
+def _sample(make: Callable[[random.Random], tuple[str, Conversation]], n: int, split: str,
+            seed: int) -> list[Conversation]:
+    """``n`` distinct examples of ``split`` drawn by ``make(rng)`` -> (key, conversation)."""
+    _check_split(split)
+    rng = random.Random(seed)
+    out: dict[str, Conversation] = {}
+    for _ in range(100 * n + 1000):
+        if len(out) == n:
+            break
+        key, conv = make(rng)
+        if split_of(key) == split:
+            out.setdefault(str(conv), conv)
+    else:
+        raise ValueError(f"could only find {len(out)} distinct {split} examples, not {n}; ask for fewer")
+    return list(out.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic
+# ---------------------------------------------------------------------------------------------
+
+
+def arithmetic(n: int | None = None, *, split: str = "train", seed: int = 0, max_operand: int = 99,
+               ops: str = "+-") -> list[Conversation]:
+    """Sums and differences of integers 0..``max_operand`` (differences never negative).
+
+    All ``(a, op, b)`` problems are enumerated and split by question; ``n`` of the split's
+    problems are drawn with ``seed`` (all of them, shuffled, when ``n`` is None).
+    """
+    _check_split(split)
+    if set(ops) - set("+-") or not ops:
+        raise ValueError(f"ops={ops!r} must be made of '+' and '-'")
+    problems = [(a, op, b) for op in ops for a in range(max_operand + 1) for b in range(max_operand + 1)
+                if op == "+" or a >= b]
+    questions = [(f"What is {a} {op} {b}?", str(a + b if op == "+" else a - b)) for a, op, b in problems]
+    chosen = [(q, ans) for q, ans in questions if split_of(q) == split]
+    random.Random(seed).shuffle(chosen)
+    if n is not None:
+        if n > len(chosen):
+            raise ValueError(f"the {split} split has {len(chosen)} problems with max_operand={max_operand} "
+                             f"and ops={ops!r}; ask for at most that many, or raise max_operand")
+        chosen = chosen[:n]
+    return [Conversation.single(q, ans) for q, ans in chosen]
+
+
+# ---------------------------------------------------------------------------------------------
+# A little world
+# ---------------------------------------------------------------------------------------------
+
+NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Kevin",
+         "Laura", "Mallory", "Nina", "Oscar", "Peggy", "Quentin", "Rupert", "Sybil", "Trent", "Ursula",
+         "Victor", "Wendy", "Xavier", "Yvonne", "Zoe")
+PLACES = ("Oslo", "Lima", "Rome", "Paris", "Cairo", "Tokyo", "Delhi", "Quito", "Dakar", "Hanoi", "Perth",
+          "Lagos", "Berlin", "Madrid", "Vienna", "Dublin", "Prague", "Seoul", "Havana", "Nairobi")
+PETS = ("cat", "dog", "fish", "horse", "parrot", "rabbit", "snake", "turtle", "goat", "frog")
+
+
+def world_qa(n: int, *, split: str = "train", seed: int = 0, people: int = 3,
+             two_turns: float = 0.3) -> list[Conversation]:
+    """Questions about a little world described in the system message.
+
+    Each example draws ``people`` people, each living in a different place and keeping a
+    different pet, and asks where someone lives, which pet someone has, or who lives somewhere;
+    a fraction ``two_turns`` asks a second question in a second turn. The split is keyed by the
+    world, so a held-out world was never seen in training.
+    """
+    if not 1 <= people <= min(len(NAMES), len(PLACES), len(PETS)):
+        raise ValueError(f"people={people} must be between 1 and {len(PETS)}")
+
+    def question(rng: random.Random, who: list[str], where: list[str], pet: list[str]) -> tuple[str, str]:
+        i, kind = rng.randrange(people), rng.randrange(3)
+        if kind == 0:
+            return f"Where does {who[i]} live?", where[i]
+        if kind == 1:
+            return f"Which pet does {who[i]} have?", f"a {pet[i]}"
+        return f"Who lives in {where[i]}?", who[i]
+
+    def make(rng: random.Random) -> tuple[str, Conversation]:
+        who, where, pet = rng.sample(NAMES, people), rng.sample(PLACES, people), rng.sample(PETS, people)
+        facts = [f"{w} lives in {p}." for w, p in zip(who, where)] + [f"{w} has a {a}." for w, a in zip(who, pet)]
+        rng.shuffle(facts)
+        world = " ".join(facts)
+        turns = [Message("system", world)]
+        for _ in range(2 if rng.random() < two_turns else 1):
+            q, a = question(rng, who, where, pet)
+            turns += [Message("user", q), Message("assistant", a)]
+        return world, Conversation(turns)
+
+    return _sample(make, n, split, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strings
+# ---------------------------------------------------------------------------------------------
+
+_ONSETS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+
+
+def _word(rng: random.Random) -> str:
+    """A pronounceable made-up word of 2-3 syllables (so no answer can be remembered from pretraining)."""
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))
+
+
+def string_tasks(n: int, *, split: str = "train", seed: int = 0) -> list[Conversation]:
+    """Reverse a word, write it in capitals, count its letters or one letter in it. Keyed by the
+    word, so held-out questions are about words never seen in training."""
+
+    def make(rng: random.Random) -> tuple[str, Conversation]:
+        word = _word(rng)
+        kind = rng.randrange(4)
+        if kind == 0:
+            q, a = f"Reverse the word {word}.", word[::-1]
+        elif kind == 1:
+            q, a = f"Write {word} in capital letters.", word.upper()
+        elif kind == 2:
+            q, a = f"How many letters are in {word}?", str(len(word))
+        else:
+            letter = rng.choice(word)
+            q, a = f"How many times does the letter {letter} appear in {word}?", str(word.count(letter))
+        return word, Conversation.single(q, a)
+
+    return _sample(make, n, split, seed)
+
+
+TASKS: dict[str, Callable[..., list[Conversation]]] = {
+    "arithmetic": arithmetic,
+    "world": world_qa,
+    "strings": string_tasks,
+}
+
+
+def make_task(name: str, n: int | None, *, split: str = "train", seed: int = 0, **options: Any) -> list[Conversation]:
+    """``n`` examples of the offline task ``name`` (see :data:`TASKS`)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    if n is None and name != "arithmetic":
+        raise ValueError(f"task {name!r} is unbounded: give the number of examples n")
+    return TASKS[name](n, split=split, seed=seed, **options)
+
+
+def mixture(n: int, *, split: str = "train", seed: int = 0,
+            tasks: Sequence[str] = ("arithmetic", "world", "strings")) -> list[Conversation]:
+    """``n`` examples split evenly between ``tasks``, interleaved (a, b, c, a, b, c, ...)."""
+    parts = [make_task(t, n // len(tasks) + (k < n % len(tasks)), split=split, seed=seed + k)
+             for k, t in enumerate(tasks)]
+    longest = max(len(p) for p in parts)
+    return [p[i] for i in range(longest) for p in parts if i < len(p)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Online instruction sets
+# ---------------------------------------------------------------------------------------------
+
+
+def alpaca_conversation(row: Mapping[str, Any]) -> Conversation:
+    """An Alpaca(-cleaned) row ``{"instruction", "input", "output"}``: the optional input follows
+    the instruction after a blank line, in the user's turn."""
+    instruction, extra = row["instruction"].strip(), (row.get("input") or "").strip()
+    return Conversation.single(f"{instruction}\n\n{extra}" if extra else instruction, row["output"].strip())
+
+
+def smoltalk_conversation(row: Mapping[str, Any]) -> Conversation:
+    """A SmolTalk row ``{"messages": [{"role", "content"}, ...], ...}``, as it is."""
+    return Conversation(row["messages"])
+
+
+@dataclass(frozen=True)
+class OnlineSet:
+    hub_id: str
+    config: str | None
+    to_conversation: Callable[[Mapping[str, Any]], Conversation]
+
+
+ONLINE: dict[str, OnlineSet] = {
+    "alpaca": OnlineSet("yahma/alpaca-cleaned", None, alpaca_conversation),
+    "smoltalk": OnlineSet("HuggingFaceTB/smoltalk", "all", smoltalk_conversation),
+    "smol-smoltalk": OnlineSet("HuggingFaceTB/smol-smoltalk", None, smoltalk_conversation),
+}
+
+
+def load_chat_data(name: str, *, split: str = "train", limit: int | None = None,
+                   data_files: str | Path | Sequence[str | Path] | None = None) -> list[Conversation]:
+    """Conversations from an online instruction set (:data:`ONLINE`), or from local JSON/JSONL
+    ``data_files`` in that set's schema (no network then).
+
+    From the Hub, ``limit`` streams only the first rows instead of downloading the whole set.
+    Rows that are not a valid conversation (say two user turns in a row) are skipped with a warning.
+    """
+    if name not in ONLINE:
+        raise ValueError(f"unknown instruction set {name!r}; choose one of {', '.join(ONLINE)}")
+    import datasets  # the `data` extra: only the online sets need it
+
+    spec = ONLINE[name]
+    if data_files is not None:
+        files = [str(data_files)] if isinstance(data_files, (str, Path)) else [str(f) for f in data_files]
+        rows: Any = datasets.load_dataset("json", data_files=files, split="train")
+    else:
+        require_hub(f"the instruction set {spec.hub_id!r}",
+                    remedy="or train on the offline tasks (minigpt.tasks.arithmetic, mixture)")
+        rows = datasets.load_dataset(spec.hub_id, spec.config, split=split, streaming=limit is not None)
+    out, bad = [], 0
+    for row in islice(rows, limit):
+        try:
+            out.append(spec.to_conversation(row))
+        except (ValueError, KeyError, AttributeError):
+            bad += 1
+    if bad:
+        warnings.warn(f"{name}: skipped {bad} of {bad + len(out)} rows that are not valid conversations",
+                      stacklevel=2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, single spaces, no surrounding space or final full stop: "  85." == "85"."""
+    return " ".join(text.lower().split()).rstrip(".").strip()
+
+
+def _plain(messages: Sequence[Message]) -> str:
+    """A conversation as plain text for a base model: context line, then Q:/A: lines."""
+    prefix = {"system": "", "user": "Q: ", "assistant": "A: "}
+    return "\n".join(prefix[m.role] + m.content for m in messages)
+
+
+def few_shot_prompt(shots: Sequence[Conversation], conversation: Conversation) -> str:
+    """Plain text that shows a base model worked examples, then the question::
+
+        Q: What is 12 + 5?
+        A: 17
+
+        Q: What is 37 + 48?
+        A:
+
+    The model's continuation up to the first newline is its answer.
+    """
+    return "".join(_plain(s.messages) + "\n\n" for s in shots) + _plain(conversation.prompt) + "\nA:"
+
+
+def _greedy(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_tokens: Sequence[int],
+            batch_size: int) -> list[list[int]]:
+    """Greedy continuations, batched among prompts of equal length (generate has no padding)."""
+    block = model.config.block_size
+    for i, p in enumerate(prompts):
+        if len(p) + max_new_tokens > block:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it does "
+                             f"not fit the model's block_size={block}: use fewer few-shot examples or "
+                             "shorter conversations")
+    device = next(model.parameters()).device
+    by_length: defaultdict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_length[len(p)].append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    for length, rows in by_length.items():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
+            new = generate(model, idx, max_new_tokens, temperature=0.0, stop_tokens=stop_tokens)[:, length:]
+            for i, ids in zip(chunk, new.tolist()):
+                out[i] = ids
+    return out
+
+
+def answers(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation], *,
+            few_shot: Sequence[Conversation] | None = None, max_new_tokens: int | None = None,
+            batch_size: int = 64) -> list[str]:
+    """The model's greedy answer to the final question of each conversation.
+
+    Chat format (``few_shot`` None): prompt with :func:`~minigpt.chat.render_prompt`, answer up to
+    ``<|end|>``. Few-shot: prompt with :func:`few_shot_prompt`, answer up to the first newline.
+    ``max_new_tokens`` defaults to the longest expected answer's length plus 4.
+    """
+    if not conversations:
+        return []
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer.encode(c.answer)) for c in conversations) + 4
+    if few_shot is None:
+        end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
+        prompts = [render_prompt(c, tokenizer) for c in conversations]
+        outs = _greedy(model, prompts, max_new_tokens, [end], batch_size)
+        return [tokenizer.decode(ids[:ids.index(end)] if end in ids else ids) for ids in outs]
+    newline = [i for i, b in tokenizer.vocab.items() if b"\n" in b]
+    prompts = [tokenizer.encode(few_shot_prompt(few_shot, c)) for c in conversations]
+    outs = _greedy(model, prompts, max_new_tokens, newline, batch_size)
+    return [tokenizer.decode(ids).split("\n", 1)[0] for ids in outs]
+
+
+def exact_match(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation], *,
+                few_shot: Sequence[Conversation] | None = None, max_new_tokens: int | None = None,
+                batch_size: int = 64) -> float:
+    """Fraction of conversations whose greedy answer equals the expected one after
+    :func:`normalize_answer`; see :func:`answers` for the two prompt formats."""
+    if not conversations:
+        raise ValueError("exact_match needs at least one conversation")
+    got = answers(model, tokenizer, conversations, few_shot=few_shot, max_new_tokens=max_new_tokens,
+                  batch_size=batch_size)
+    hits = sum(normalize_answer(g) == normalize_answer(c.answer) for g, c in zip(got, conversations))
+    return hits / len(conversations)

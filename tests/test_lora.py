@@ -1,0 +1,165 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from minigpt.checkpoint import load_checkpoint, save_checkpoint
+from minigpt.lora import (
+    LoRALinear,
+    apply_lora,
+    load_lora,
+    lora_layers,
+    lora_state_dict,
+    merge,
+    save_lora,
+    trainable_fraction,
+    unmerge,
+)
+from minigpt.model import GPT, GPTConfig
+from minigpt.train import TrainConfig, Trainer
+
+CONFIG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(CONFIG).eval()
+
+
+def _idx(seed=1):
+    return torch.randint(0, CONFIG.vocab_size, (2, CONFIG.block_size), generator=torch.Generator().manual_seed(seed))
+
+
+def _randomize_adapters(model, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+class _Repeat:
+    """A BatchSource serving one fixed batch."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def next_batch(self):
+        return self.x, self.y
+
+    def reset(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_lora_linear_starts_as_the_base_layer_and_scales_by_alpha_over_r():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    x = torch.randn(3, 8)
+    expected = base(x)
+    layer = LoRALinear(base, r=4, alpha=8)
+    assert layer.weight is base.weight and layer.scaling == 2.0
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)  # B = 0: exactly the base model
+    with torch.no_grad():
+        layer.lora_B.fill_(1.0)
+    torch.testing.assert_close(layer(x), expected + 2.0 * x @ layer.lora_A.t() @ layer.lora_B.t())
+
+
+def test_apply_lora_freezes_the_base_and_trains_only_adapters():
+    model = apply_lora(_model(), targets=("c_attn", "c_fc"), r=4, alpha=8)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"transformer.h.{i}.{m}.lora_{ab}" for i in range(2)
+                         for m in ("attn.c_attn", "mlp.c_fc") for ab in "AB"}
+    n_lora = sum(4 * (32 + out) for out in (96, 128)) * 2
+    n_all = sum(p.numel() for p in model.parameters())
+    assert trainable_fraction(model) == pytest.approx(n_lora / n_all)
+    # The Trainer's optimizer gets the adapters only; a step leaves every base weight as it was.
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = _idx()
+    trainer = Trainer(model, TrainConfig(max_steps=3, warmup_steps=1, learning_rate=1e-2), _Repeat(x[:, :-1], x[:, 1:]))
+    assert sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]) == n_lora
+    trainer.train_step()
+    trainer.train_step()  # B moves at step 1, so A's gradient is non-zero from step 2
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+
+
+def test_target_names_are_dotted_suffixes():
+    both = apply_lora(_model(), targets=("c_proj",))
+    assert {n for n, _ in lora_layers(both)} == {f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")}
+    attn = apply_lora(_model(), targets=("attn.c_proj",))
+    assert {n for n, _ in lora_layers(attn)} == {f"transformer.h.{i}.attn.c_proj" for i in range(2)}
+    with pytest.raises(ValueError, match="no nn.Linear matches.*c_attn"):
+        apply_lora(_model(), targets=("q_proj",))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(both)
+
+
+def test_merged_logits_equal_unmerged_and_unmerge_restores_the_weights():
+    model = apply_lora(_model(), targets=("c_attn", "c_proj", "c_fc"), r=4, alpha=16)
+    _randomize_adapters(model)
+    weights = {n: layer.weight.detach().clone() for n, layer in lora_layers(model)}
+    x = _idx()
+    with torch.no_grad():
+        unmerged = model(x)[0]
+        merge(model)
+        merged = model(x)[0]
+        assert all(layer.merged for _, layer in lora_layers(model))
+        assert not torch.equal(merged, _model()(x)[0])  # the adapters do change the model
+        unmerge(model)
+        again = model(x)[0]
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again, unmerged, rtol=0, atol=1e-5)
+    for n, layer in lora_layers(model):
+        torch.testing.assert_close(layer.weight, weights[n], rtol=0, atol=1e-6)
+
+
+def test_adapters_save_and_load_alone(tmp_path):
+    model = apply_lora(_model(), r=4)
+    _randomize_adapters(model)
+    state = lora_state_dict(model)
+    assert all(k.endswith((".lora_A", ".lora_B")) for k in state) and len(state) == 8
+    path = save_lora(model, tmp_path / "adapters.safetensors")
+    assert path.stat().st_size < 20_000  # the adapters, not the model
+    fresh = load_lora(apply_lora(_model(), r=4), path)
+    x = _idx()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)[0], model(x)[0], rtol=0, atol=0)
+    merge(model)
+    with pytest.raises(ValueError, match="unmerge"):
+        lora_state_dict(model)
+
+
+def test_loading_adapters_of_another_shape_names_the_file(tmp_path):
+    path = save_lora(apply_lora(_model(), r=4), tmp_path / "r4.safetensors")
+    with pytest.raises(ValueError, match=r"r4\.safetensors has adapters of other shapes.*r=4"):
+        load_lora(apply_lora(_model(), r=8), path)
+    with pytest.raises(ValueError, match=r"r4\.safetensors does not fit.*missing"):
+        load_lora(apply_lora(_model(), r=4, targets=("c_attn", "c_proj")), path)
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        load_lora(_model(), path)
+    other = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(other))
+    with pytest.raises(ValueError, match=r"plain\.safetensors is not a minigpt LoRA file"):
+        load_lora(apply_lora(_model(), r=4), other)
+    with pytest.raises(ValueError, match=r"alpha/r"):
+        load_lora(apply_lora(_model(), r=4, alpha=4.0), path)
+
+
+def test_base_weights_keep_their_names_and_a_lora_checkpoint_round_trips(tmp_path):
+    base = _model()
+    model = apply_lora(GPT(CONFIG), r=4)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert unexpected == [] and all(k.endswith((".lora_A", ".lora_B")) for k in missing)
+    x = _idx()
+    with torch.no_grad():  # adapters start at zero: the base model
+        torch.testing.assert_close(model.eval()(x)[0], base(x)[0], rtol=0, atol=0)
+    _randomize_adapters(model)
+    save_checkpoint(tmp_path / "lora.safetensors", model)  # what Trainer.save writes for a LoRA run
+    again = apply_lora(GPT(CONFIG), r=4)
+    load_checkpoint(tmp_path / "lora.safetensors", again)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x)[0], model(x)[0], rtol=0, atol=0)

@@ -1,0 +1,202 @@
+import json
+
+import pytest
+import torch
+
+import minigpt
+from minigpt.chat import Conversation, render, with_chat_tokens
+from minigpt.cli import main
+from minigpt.lora import lora_layers
+from minigpt.model import GPT, GPTConfig
+from minigpt.pretrain import pretrained
+from minigpt.sft import TASK_CHOICES, SFTSource, load_sft, resize_vocab, sft, task_data
+from minigpt.tasks import answers, arithmetic
+from minigpt.tokenizer import train_bpe
+from minigpt.train import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = "What is 37 + 48? The answer is 85. Alice lives in Oslo. 0123456789 " * 30
+    return with_chat_tokens(train_bpe(text, 290, special_tokens=["<|endoftext|>"]))
+
+
+def _convs(n, seed=0):
+    return arithmetic(n, seed=seed)
+
+
+def _rows(source, batches):
+    """The conversations a source serves, as tuples of input ids without padding."""
+    out = []
+    for _ in range(batches):
+        x, y = source.next_batch()
+        for row_x, row_y in zip(x.tolist(), y.tolist()):
+            last = max(i for i, t in enumerate(row_y) if t != -100)
+            out.append(tuple(row_x[:last + 1]))
+    return out
+
+
+def test_targets_are_the_next_token_where_the_mask_is_on(tok):
+    convs = _convs(8)
+    source = SFTSource(convs, tok, 8, 32, shuffle=False, pad_multiple=1)
+    x, y = source.next_batch()
+    for r, conv in enumerate(convs):
+        ids, mask = render(conv, tok)
+        n = len(ids) - 1
+        assert x[r, :n].tolist() == ids[:-1]
+        assert y[r, :n].tolist() == [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
+        assert (y[r, n:] == -100).all()  # padding is never learned
+    assert x.shape[1] == max(len(render(c, tok)[0]) for c in convs) - 1
+
+
+def test_each_epoch_is_a_seeded_permutation(tok):
+    convs = _convs(40)
+    a = SFTSource(convs, tok, 8, 32, seed=1)
+    epoch1, epoch2 = _rows(a, 5), _rows(a, 5)
+    everything = {tuple(render(c, tok)[0][:-1]) for c in convs}
+    assert set(epoch1) == set(epoch2) == everything and len(epoch1) == 40
+    assert epoch1 != epoch2  # a new order every epoch
+    assert _rows(SFTSource(convs, tok, 8, 32, seed=1), 5) == epoch1  # the same seed, the same order
+    assert _rows(SFTSource(convs, tok, 8, 32, seed=2), 5) != epoch1
+
+
+def test_a_restored_source_serves_the_same_batches(tok):
+    convs = _convs(30)
+    a = SFTSource(convs, tok, 8, 32, seed=3)
+    _rows(a, 2)
+    state = json.loads(json.dumps(a.state_dict()))  # it travels in a checkpoint's JSON metadata
+    expected = [a.next_batch() for _ in range(6)]  # crosses into the next epochs (30 // 8 = 3 steps each)
+    b = SFTSource(convs, tok, 8, 32, seed=3)
+    b.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(expected, [b.next_batch() for _ in range(6)]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    b.reset()
+    assert _rows(b, 1) == _rows(SFTSource(convs, tok, 8, 32, seed=3), 1)
+    with pytest.raises(ValueError, match="seed=3.*same data, seed"):
+        SFTSource(convs, tok, 8, 32, seed=4).load_state_dict(state)
+
+
+def test_ranks_take_different_conversations(tok):
+    convs = _convs(32)
+    ranks = [SFTSource(convs, tok, 4, 32, seed=0, rank=r, world_size=2) for r in range(2)]
+    seen = [_rows(s, 4) for s in ranks]
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 32
+
+
+def test_too_long_conversations_raise_are_cut_or_dropped(tok):
+    long = Conversation.single("What is 1 + 1? " * 8, "2")
+    convs = [long, *_convs(4)]
+    with pytest.raises(ValueError, match="conversation 0 renders to .* too_long='drop'"):
+        SFTSource(convs, tok, 2, 24)
+    dropped = SFTSource(convs, tok, 2, 24, too_long="drop")
+    assert len(dropped) == 4 and dropped.dropped == 1
+    cut = SFTSource(convs, tok, 2, 24, too_long="truncate")
+    assert len(cut) == 4 and cut.dropped == 1  # cut to 25 tokens, the answer is gone: nothing to learn
+    with pytest.raises(ValueError, match="fewer than one step"):
+        SFTSource(_convs(3), tok, 4, 32)
+
+
+def test_resize_vocab_keeps_every_old_logit(tok):
+    torch.manual_seed(0)
+    small = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16)).eval()
+    big = resize_vocab(small, 104).eval()
+    assert big.lm_head.weight is big.transformer.wte.weight  # still tied
+    idx = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(big(idx)[0][..., :100], small(idx)[0], rtol=0, atol=1e-6)
+    new = big.transformer.wte.weight[100:]
+    assert len({tuple(r.tolist()) for r in new}) == 4  # every new token gets its own vector
+
+
+def test_sft_resumes_on_the_same_loss_curve(tok, tmp_path):
+    convs = _convs(64)
+    config = GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, dropout=0.1)
+    cfg = TrainConfig(max_steps=8, warmup_steps=2, log_interval=1, eval_interval=0, checkpoint_interval=4)
+
+    def trainer(out):
+        torch.manual_seed(0)
+        return Trainer(GPT(config), cfg, SFTSource(convs, tok, 16, 32, seed=5), out_dir=out)
+
+    straight = [r["loss"] for r in trainer(tmp_path / "a").fit(progress=False)]
+    first = trainer(tmp_path / "b")
+    for _ in range(4):  # 64 / 16 = 4 steps: the resumed half starts a new epoch
+        first.train_step()
+    first.save()
+    torch.manual_seed(123)  # resume must restore the RNG (dropout), not inherit this
+    resumed = trainer(tmp_path / "b")
+    assert resumed.resume() and resumed.step == 4
+    assert [r["loss"] for r in resumed.fit(progress=False)] == straight[4:]
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft_ci")
+    return out, sft(minigpt.profile("ci"), None, out, progress=False)  # the profile's measured start
+
+
+def test_ci_sft_learns_arithmetic(ci_run):
+    _, run = ci_run
+    assert run.trainer.step == 200
+    losses = [r["loss"] for r in run.history]
+    assert losses[-1] < 0.6 * losses[0]
+    assert len(run.test) >= 15 and not {str(c) for c in run.test} & {str(c) for c in run.train}
+    assert run.exact_match >= 0.4
+
+
+def test_a_finished_run_reloads_with_the_same_answers(ci_run):
+    out, run = ci_run
+    model, tok = load_sft(out)
+    assert tok.special_tokens == run.tokenizer.special_tokens
+    assert answers(model, tok, run.test[:20]) == answers(run.model, run.tokenizer, run.test[:20])
+
+
+def test_lora_sft_trains_only_the_adapters(tmp_path):
+    profile = minigpt.profile("ci")
+    base, base_tok = pretrained(profile, progress=False)
+    run = sft(profile, base, tmp_path, tokenizer=base_tok, lora=True, max_steps=10, progress=False)
+    assert 0 < sum(p.numel() for p in run.model.parameters() if p.requires_grad) < 0.05 * sum(
+        p.numel() for p in run.model.parameters())
+    start = resize_vocab(base, run.tokenizer.vocab_size, seed=run.trainer.cfg.seed).state_dict()
+    for name, value in run.model.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(value, start[name]), name
+    assert any(layer.lora_B.abs().sum() > 0 for _, layer in lora_layers(run.model))
+    assert (tmp_path / "lora.safetensors").stat().st_size < 100_000
+    model, tok = load_sft(tmp_path)
+    x = torch.tensor([render(run.test[0], tok)[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x)[0], run.model.eval()(x)[0], rtol=0, atol=0)
+
+
+def test_minigpt_chat_streams_answers_and_takes_commands(ci_run, monkeypatch, capsys):
+    out, run = ci_run
+    q = run.test[0].prompt[-1].content
+    lines = iter([q, "/temp hot", "/temp 0", "/help", "/reset", q, "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", str(out), "--temperature", "0"]) == 0
+    said = capsys.readouterr().out
+    expected = answers(run.model, run.tokenizer, [run.test[0]])[0]
+    assert said.count(f"assistant> {expected}\n") == 2  # the same greedy answer before and after /reset
+    assert "/temp needs a number" in said and "(temperature 0)" in said and "(conversation forgotten)" in said
+    assert "commands: /reset" in said
+
+
+def test_minigpt_sft_and_its_errors(tmp_path, capsys):
+    assert main(["sft", "--profile", "ci", "--out", str(tmp_path / "run"), "--max-steps", "3"]) == 0
+    said = capsys.readouterr().out
+    assert "held-out exact match" in said and f"minigpt chat {tmp_path / 'run'}" in said
+    assert json.loads((tmp_path / "run" / "sft.json").read_text())["task"] == "arithmetic"
+    assert main(["sft", "--profile", "ci", "--out", str(tmp_path / "x"), "--base", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
+    assert main(["chat", str(tmp_path / "nothing")]) == 2
+    assert "minigpt sft" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", TASK_CHOICES)
+def test_every_task_has_disjoint_default_splits(task):
+    profile = minigpt.profile("ci")
+    train, test = task_data(profile, task, "train"), task_data(profile, task, "test")
+    assert len(train) >= 100 and len(test) >= 15
+    assert not {str(c) for c in train} & {str(c) for c in test}
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        task_data(profile, "poetry", "train")

@@ -1,0 +1,219 @@
+import json
+import re
+import time
+
+import pytest
+import torch
+
+import minigpt.tasks as tasks
+from minigpt.chat import Conversation, render_prompt, with_chat_tokens
+from minigpt.model import GPT, GPTConfig
+from minigpt.tasks import (
+    alpaca_conversation,
+    answers,
+    arithmetic,
+    exact_match,
+    few_shot_prompt,
+    load_chat_data,
+    make_task,
+    mixture,
+    normalize_answer,
+    smoltalk_conversation,
+    split_of,
+    string_tasks,
+    world_qa,
+)
+from minigpt.tokenizer import train_bpe
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = "What is 37 + 48? Alice lives in Oslo. Q: A: 0123456789\n\n" * 30
+    return with_chat_tokens(train_bpe(text, 280, special_tokens=["<|endoftext|>"]))
+
+
+def _word(question):
+    """The made-up word a string task is about (its split key)."""
+    words = question.rstrip(".?").split()
+    return words[1] if words[0] == "Write" else words[-1]
+
+
+def _keys(convs, key):
+    return {key(c) for c in convs}
+
+
+def test_arithmetic_answers_are_right_and_differences_never_negative():
+    convs = arithmetic(500, seed=3)
+    for c in convs:
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", c.messages[0].content).groups()
+        assert int(c.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
+    assert {c.messages[0].content.split()[3] for c in convs} == {"+", "-"}
+
+
+@pytest.mark.parametrize("make, key", [
+    (lambda n, **kw: arithmetic(n, **kw), lambda c: c.messages[0].content),
+    (lambda n, **kw: world_qa(n, **kw), lambda c: c.messages[0].content),
+    (lambda n, **kw: string_tasks(n, **kw), lambda c: _word(c.messages[0].content)),
+])
+def test_train_and_test_splits_never_overlap_and_are_deterministic(make, key):
+    train = make(1000, split="train", seed=0) + make(1000, split="train", seed=1)
+    test = make(100, split="test", seed=0) + make(100, split="test", seed=7)
+    assert not _keys(train, key) & _keys(test, key)
+    assert all(split_of(k) == "test" for k in _keys(test, key))
+    assert make(100, split="test", seed=0) == make(100, split="test", seed=0)
+    assert make(100, split="test", seed=0) != make(100, split="test", seed=1)
+
+
+def test_arithmetic_holds_out_a_tenth_and_enumerates_every_problem():
+    train, test = arithmetic(None, split="train"), arithmetic(None, split="test")
+    assert len(train) + len(test) == 100 * 100 + 100 * 101 // 2  # sums + non-negative differences
+    assert 0.08 < len(test) / (len(train) + len(test)) < 0.12
+    with pytest.raises(ValueError, match="has .* problems"):
+        arithmetic(len(test) + 1, split="test")
+    with pytest.raises(ValueError, match="split="):
+        arithmetic(10, split="validation")
+
+
+def test_world_answers_follow_from_the_facts():
+    convs = world_qa(300, seed=1)
+    assert any(len(c.messages) == 5 for c in convs) and any(len(c.messages) == 3 for c in convs)
+    for c in convs:
+        facts = c.messages[0].content
+        home = dict(re.findall(r"(\w+) lives in (\w+)\.", facts))
+        pet = dict(re.findall(r"(\w+) has (a \w+)\.", facts))
+        for q, a in zip(c.messages[1::2], c.messages[2::2]):
+            if m := re.fullmatch(r"Where does (\w+) live\?", q.content):
+                assert home[m[1]] == a.content
+            elif m := re.fullmatch(r"Which pet does (\w+) have\?", q.content):
+                assert pet[m[1]] == a.content
+            else:
+                place = re.fullmatch(r"Who lives in (\w+)\?", q.content)[1]
+                assert home[a.content] == place
+
+
+def test_string_answers_are_right():
+    for c in string_tasks(300, seed=2):
+        q, a = c.messages[0].content, c.answer
+        word = _word(q)
+        if q.startswith("Reverse"):
+            assert a == word[::-1]
+        elif q.startswith("Write"):
+            assert a == word.upper()
+        elif q.startswith("How many letters"):
+            assert a == str(len(word))
+        else:
+            letter = re.search(r"letter (\w) appear", q)[1]
+            assert a == str(word.count(letter)) and int(a) >= 1
+
+
+def test_mixture_interleaves_the_tasks():
+    convs = mixture(10, seed=0)
+    assert len(convs) == 10
+    assert convs[0].messages[0].content.startswith("What is")
+    assert convs[1].messages[0].role == "system"
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("poetry", 3)
+
+
+def test_normalize_answer():
+    assert normalize_answer("  85. ") == "85"
+    assert normalize_answer("A  Cat") == "a cat"
+    assert normalize_answer("85") != normalize_answer("8 5")
+
+
+def test_few_shot_prompt_is_plain_text():
+    shots = [Conversation.single("What is 1 + 2?", "3"), Conversation.single("What is 5 - 4?", "1")]
+    q = Conversation.single("What is 37 + 48?", "85")
+    assert few_shot_prompt(shots, q) == (
+        "Q: What is 1 + 2?\nA: 3\n\nQ: What is 5 - 4?\nA: 1\n\nQ: What is 37 + 48?\nA:")
+    world = Conversation([("system", "Bob has a cat."), ("user", "Which pet does Bob have?"), ("assistant", "a cat")])
+    assert few_shot_prompt([], world) == "Bob has a cat.\nQ: Which pet does Bob have?\nA:"
+
+
+class _Scripted:
+    """Stands in for ``generate``: each prompt (a tuple of ids) continues with scripted tokens."""
+
+    def __init__(self, script, pad):
+        self.script, self.pad, self.calls = script, pad, []
+
+    def __call__(self, model, idx, max_new_tokens, *, temperature, stop_tokens):
+        assert temperature == 0.0
+        self.calls.append(idx.shape)
+        rows = []
+        for row in idx.tolist():
+            new = (self.script[tuple(row)] + [self.pad] * max_new_tokens)[:max_new_tokens]
+            rows.append(row + new)
+        return torch.tensor(rows)
+
+
+def test_exact_match_stops_at_the_end_token_and_batches_prompts_by_length(tok, monkeypatch):
+    convs = [Conversation.single(f"What is {a} + {b}?", str(a + b)) for a, b in [(1, 2), (30, 4), (37, 48), (2, 2)]]
+    end = tok.special_tokens["<|end|>"]
+    said = {"3": "3", "34": "34", "85": "86", "4": "4 "}  # one wrong answer; "4 " is right once normalised
+    script = {tuple(render_prompt(c, tok)): tok.encode(said[c.answer]) + [end] + tok.encode("99") for c in convs}
+    fake = _Scripted(script, end)
+    monkeypatch.setattr(tasks, "generate", fake)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8))
+    assert answers(model, tok, convs) == ["3", "34", "86", "4 "]  # cut at <|end|>: the "99" after it is dropped
+    lengths = sorted(len(render_prompt(c, tok)) for c in convs)
+    assert sorted(shape[1] for shape in fake.calls) == sorted(set(lengths))  # one batch per prompt length
+    assert sum(shape[0] for shape in fake.calls) == 4
+    assert exact_match(model, tok, convs) == 0.75
+
+
+def test_few_shot_answers_stop_at_the_newline(tok, monkeypatch):
+    shots = [Conversation.single("What is 1 + 2?", "3")]
+    convs = [Conversation.single("What is 37 + 48?", "85"), Conversation.single("What is 3 + 4?", "7")]
+    script = {tuple(tok.encode(few_shot_prompt(shots, c))): tok.encode(f" {c.answer}\n\nQ: What") for c in convs}
+    monkeypatch.setattr(tasks, "generate", _Scripted(script, tok.encode("\n")[0]))
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8))
+    assert answers(model, tok, convs, few_shot=shots) == [" 85", " 7"]
+    assert exact_match(model, tok, convs, few_shot=shots) == 1.0
+
+
+def test_prompts_that_do_not_fit_the_block_are_refused(tok):
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8))
+    shots = arithmetic(5, seed=1)
+    with pytest.raises(ValueError, match="fewer few-shot examples"):
+        exact_match(model, tok, arithmetic(2, split="test"), few_shot=shots)
+
+
+def test_alpaca_and_smoltalk_rows_map_to_conversations(tmp_path):
+    alpaca = tmp_path / "alpaca_data_cleaned.json"  # the Hub file: one JSON list
+    alpaca.write_text(json.dumps([
+        {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well."},
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    ]))
+    convs = load_chat_data("alpaca", data_files=alpaca)
+    assert [c.to_dicts() for c in convs] == [
+        [{"role": "user", "content": "Give three tips for staying healthy."},
+         {"role": "assistant", "content": "1. Eat well."}],
+        [{"role": "user", "content": "Translate to French.\n\nGood morning"},
+         {"role": "assistant", "content": "Bonjour"}],
+    ]
+    smol = tmp_path / "smoltalk.jsonl"
+    rows = [
+        {"messages": [{"content": "Be terse.", "role": "system"}, {"content": "Hi", "role": "user"},
+                      {"content": "Hello.", "role": "assistant"}], "source": "systemchats-30k"},
+        {"messages": [{"content": "2+2?", "role": "user"}, {"content": "4", "role": "assistant"},
+                      {"content": "and 3+3?", "role": "user"}, {"content": "6", "role": "assistant"}],
+         "source": "everyday-conversations"},
+        {"messages": [{"content": "Hi", "role": "user"}, {"content": "Hi again", "role": "user"}],
+         "source": "broken"},
+    ]
+    smol.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="skipped 1 of 3"):
+        convs = load_chat_data("smoltalk", data_files=smol)
+    assert [c.to_dicts() for c in convs] == [r["messages"] for r in rows[:2]]
+    assert smoltalk_conversation(rows[1]).answer == "6"
+    assert alpaca_conversation({"instruction": " x ", "input": None, "output": " y "}).to_dicts()[0]["content"] == "x"
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        load_chat_data("dolly")
+
+
+def test_online_sets_fail_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"HuggingFaceTB/smoltalk.*HF_HUB_OFFLINE is set"):
+        load_chat_data("smoltalk", limit=10)
+    assert time.perf_counter() - start < 5
