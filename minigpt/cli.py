@@ -117,11 +117,13 @@ def _cmd_chat(args: argparse.Namespace) -> None:
                 print("(conversation forgotten)")
             elif command == "/temp":
                 try:
-                    chat.temperature = float(value)
-                    if chat.temperature < 0:
-                        raise ValueError
-                    print(f"(temperature {chat.temperature:g})")
+                    temperature = float(value)
                 except ValueError:
+                    temperature = -1.0
+                if temperature >= 0:
+                    chat.temperature = temperature
+                    print(f"(temperature {temperature:g})")
+                else:
                     print(f"(/temp needs a number >= 0, such as /temp 0.7; it is {chat.temperature:g})")
             else:
                 print(f"({_CHAT_HELP})")

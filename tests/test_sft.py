@@ -171,13 +171,14 @@ def test_lora_sft_trains_only_the_adapters(tmp_path):
 def test_minigpt_chat_streams_answers_and_takes_commands(ci_run, monkeypatch, capsys):
     out, run = ci_run
     q = run.test[0].prompt[-1].content
-    lines = iter([q, "/temp hot", "/temp 0", "/help", "/reset", q, "/quit"])
+    lines = iter([q, "/temp hot", "/temp -1", "/temp 0", "/help", "/reset", q, "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert main(["chat", str(out), "--temperature", "0"]) == 0
     said = capsys.readouterr().out
     expected = answers(run.model, run.tokenizer, [run.test[0]])[0]
     assert said.count(f"assistant> {expected}\n") == 2  # the same greedy answer before and after /reset
-    assert "/temp needs a number" in said and "(temperature 0)" in said and "(conversation forgotten)" in said
+    assert said.count("/temp needs a number >= 0, such as /temp 0.7; it is 0)") == 2  # unchanged by either
+    assert "(temperature 0)" in said and "(conversation forgotten)" in said
     assert "commands: /reset" in said
 
 
