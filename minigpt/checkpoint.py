@@ -101,13 +101,13 @@ def read_safetensors(path: str | os.PathLike, what: str, *,
 
 
 def _open(path: Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors_, header = read_safetensors(path, "checkpoint", tensors=tensors)
+    loaded, header = read_safetensors(path, "checkpoint", tensors=tensors)
     if header.get("format") != FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a minigpt checkpoint "
                          "(for transformers' GPT-2 weights use GPT.from_hf_state_dict)")
     if int(header["version"]) > VERSION:
         raise ValueError(f"{path} has checkpoint version {header['version']}; upgrade minigpt to read it")
-    return tensors_, json.loads(header["minigpt"])
+    return loaded, json.loads(header["minigpt"])
 
 
 def checkpoint_config(path: str | os.PathLike) -> GPTConfig:

@@ -173,10 +173,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapters (and their rank and alpha) to a safetensors file, atomically."""
-    layers = dict(lora_layers(model))
-    first = next(iter(layers.values()), None)
-    meta = {"format": "minigpt-lora", "r": str(first.r if first else 0), "alpha": str(first.alpha if first else 0)}
-    return write_safetensors(path, lora_state_dict(model), meta)
+    state = lora_state_dict(model)  # refuses a model without adapters, or with merged ones
+    _, first = next(lora_layers(model))
+    return write_safetensors(path, state, {"format": "minigpt-lora", "r": str(first.r), "alpha": str(first.alpha)})
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:

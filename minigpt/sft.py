@@ -44,7 +44,7 @@ from minigpt.lora import DEFAULT_TARGETS, apply_lora, save_lora, trainable_fract
 from minigpt.model import GPT, GPTConfig
 from minigpt.pretrain import pretrain_tokenizer, pretrained, pretrained_dir
 from minigpt.profiles import Profile
-from minigpt.tasks import TASKS, answers, arithmetic, exact_match, make_task, mixture
+from minigpt.tasks import TASKS, answers, arithmetic, exact_match, make_task
 from minigpt.tokenizer import BPETokenizer, get_encoding
 from minigpt.train import TrainConfig, Trainer, init_distributed
 
@@ -311,7 +311,7 @@ def sft_settings(profile: Profile) -> SFTSettings:
     return SFT_SETTINGS[profile.name]
 
 
-TASK_CHOICES = (*TASKS, "mixture")
+TASK_CHOICES = tuple(TASKS)
 TRAIN_EXAMPLES = 20_000  # for a generated task or the mixture (arithmetic enumerates every problem)
 
 
@@ -319,14 +319,9 @@ def task_data(profile: Profile, task: str, split: str, *, seed: int = 0) -> list
     """The default data of :func:`sft`: every arithmetic problem of the split up to the profile's
     ``max_operand`` (``n_test`` of them held out), or generated examples of another offline task."""
     s = sft_settings(profile)
-    if task not in TASK_CHOICES:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
     if task == "arithmetic":
         return arithmetic(None if split == "train" else s.n_test, split=split, seed=seed, max_operand=s.max_operand)
-    n = TRAIN_EXAMPLES if split == "train" else s.n_test or 200
-    if task == "mixture":
-        return mixture(n, split=split, seed=seed)
-    return make_task(task, n, split=split, seed=seed)
+    return make_task(task, TRAIN_EXAMPLES if split == "train" else s.n_test or 200, split=split, seed=seed)
 
 
 def sft_config(profile: Profile, *, lora: bool = False, **overrides: Any) -> TrainConfig:
@@ -348,7 +343,7 @@ def sft_config(profile: Profile, *, lora: bool = False, **overrides: Any) -> Tra
 @dataclass
 class SFTRun:
     """What :func:`sft` returns: the trainer (model, history), the chat tokenizer, the data and
-    the held-out exact match at the end."""
+    the held-out exact match at the end (NaN on the other ranks of a DDP run: measured once)."""
 
     trainer: Trainer
     tokenizer: BPETokenizer
@@ -421,7 +416,8 @@ def sft(profile: Profile, base: Base, out_dir: str | os.PathLike, *,
         print(f"SFT: {len(source)} conversations ({source.dropped} dropped), {len(test)} held out; {what}; "
               f"{cfg.max_steps} steps of {settings.batch_size} conversations on {device}")
     trainer.fit(progress=progress)
-    score = exact_match(trainer.raw_model, tok, test)
+    # Measured once, on the main process (every rank holds the same weights after DDP).
+    score = exact_match(trainer.raw_model, tok, test) if ddp.is_main else float("nan")
     if ddp.is_main:
         if lora_kwargs:
             save_lora(trainer.raw_model, out / "lora.safetensors")

@@ -226,6 +226,9 @@ def mixture(n: int, *, split: str = "train", seed: int = 0,
     return [p[i] for i in range(longest) for p in parts if i < len(p)]
 
 
+TASKS["mixture"] = mixture
+
+
 # ---------------------------------------------------------------------------------------------
 # Online instruction sets
 # ---------------------------------------------------------------------------------------------
