@@ -10,7 +10,8 @@ after the earlier filters.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -230,3 +231,37 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
     stops = set(kwargs.get("stop_tokens") or ())
     cut = next((i for i, t in enumerate(new) if t in stops), len(new))
     return tokenizer.decode(new[:cut])
+
+
+def complete(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             stop_tokens: Sequence[int] = (), batch_size: int = 64, temperature: float = 0.0,
+             generator: torch.Generator | None = None, **filters: Any) -> list[list[int]]:
+    """The continuation of each prompt (a list of token ids, of any lengths), greedy by default.
+
+    :func:`generate` has no padding masks, so prompts of equal length are batched together, up to
+    ``batch_size`` rows. A continuation ends with its stop token, if it emitted one (the padding
+    after it is cut off); ``temperature`` and ``filters`` (top_k, top_p, ...) are as in
+    :func:`generate`.
+    """
+    block = model.config.block_size
+    for i, p in enumerate(prompts):
+        if len(p) + max_new_tokens > block:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it does "
+                             f"not fit the model's block_size={block}: use shorter prompts (fewer few-shot examples) "
+                             "or fewer new tokens")
+    device = model.transformer.wte.weight.device
+    stops = set(stop_tokens)
+    by_length: defaultdict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_length[len(p)].append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    for length, rows in by_length.items():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            idx = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)
+            new = generate(model, idx, max_new_tokens, temperature=temperature, stop_tokens=stop_tokens,
+                           generator=generator, **filters)[:, length:]
+            for i, ids in zip(chunk, new.tolist()):
+                cut = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
+                out[i] = ids[:cut]
+    return out

@@ -14,6 +14,17 @@ GPT again, with no extra cost at inference. :func:`unmerge` takes it back out.
 :class:`LoRALinear` keeps the wrapped layer's ``weight`` and ``bias`` under their own names, so a
 plain GPT's state dict loads into a model with adapters (``strict=False``: only the adapters are
 missing), and the adapters alone -- a few kilobytes -- are saved and shared with :func:`save_lora`.
+
+Two more knobs of PEFT's LoRA, because adapters on the linear layers cannot reach everything a
+new task needs:
+
+* ``token_rows`` (PEFT's ``trainable_token_indices``): a few rows of the token embedding train
+  too, as a correction :class:`TokenRows` adds to the frozen table. The embedding is tied to the
+  output head, so the rows change what the model reads *and* what it predicts. New tokens (the
+  chat tokens) and tokens the pretraining text rarely used (digits in Shakespeare) have poor rows
+  that no adapter downstream can fix.
+* ``train_also`` (PEFT's ``modules_to_save``): small modules that train in full, e.g. the
+  LayerNorms or the position embedding.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ from minigpt.checkpoint import read_safetensors, write_safetensors
 __all__ = [
     "DEFAULT_TARGETS",
     "LoRALinear",
+    "TiedHead",
+    "TokenRows",
     "apply_lora",
     "load_lora",
     "lora_layers",
@@ -101,6 +114,65 @@ class LoRALinear(nn.Module):
                 f"alpha={self.alpha}, merged={self.merged}")
 
 
+class TokenRows(nn.Module):
+    """A frozen token embedding plus trainable corrections to the rows of ``token_ids``.
+
+    The table the model uses is ``weight`` with ``delta[i]`` added to row ``token_ids[i]``;
+    ``delta`` starts at zero (the model starts exactly as the base), so weight decay pulls the rows
+    back towards their pretrained values, not towards zero.
+    """
+
+    def __init__(self, embedding: nn.Embedding, token_ids: Sequence[int]) -> None:
+        super().__init__()
+        ids = sorted({int(i) for i in token_ids})
+        vocab = embedding.num_embeddings
+        if not ids or ids[0] < 0 or ids[-1] >= vocab:
+            raise ValueError(f"token_rows must be token ids in [0, {vocab}), got {list(token_ids)[:8]}")
+        self.weight = embedding.weight  # the same Parameter: the output head stays tied to it
+        self.weight.requires_grad_(False)
+        self.register_buffer("token_ids", torch.tensor(ids, dtype=torch.long, device=self.weight.device))
+        self.delta = nn.Parameter(torch.zeros(len(ids), self.weight.size(1), device=self.weight.device,
+                                              dtype=self.weight.dtype))
+        self.merged = False
+
+    def table(self) -> torch.Tensor:
+        """The embedding the model uses: the base rows with the corrections added."""
+        if self.merged:
+            return self.weight
+        return self.weight.index_add(0, self.token_ids, self.delta.to(self.weight.dtype))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.table())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.index_add_(0, self.token_ids, self.delta.to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.index_add_(0, self.token_ids, -self.delta.to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{self.delta.size(0)} trainable rows of {tuple(self.weight.shape)}, merged={self.merged}"
+
+
+class TiedHead(nn.Module):
+    """The output head of a GPT whose embedding is a :class:`TokenRows`: it multiplies by the
+    same table, corrections included, as the tied head of a plain GPT does."""
+
+    def __init__(self, rows: TokenRows) -> None:
+        super().__init__()
+        self.weight = rows.weight  # keeps the state-dict name lm_head.weight, tied as before
+        self._rows = (rows,)  # a reference, not a submodule: the embedding owns the rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._rows[0].table())
+
+
 def _matches(name: str, targets: Sequence[str]) -> bool:
     """``targets`` are dotted name suffixes: "c_proj" matches both attn.c_proj and mlp.c_proj,
     "attn.c_proj" only the first."""
@@ -108,14 +180,20 @@ def _matches(name: str, targets: Sequence[str]) -> bool:
 
 
 def apply_lora(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, r: int = 8,
-               alpha: float = 16.0, dropout: float = 0.0) -> nn.Module:
+               alpha: float = 16.0, dropout: float = 0.0, *, token_rows: Sequence[int] = (),
+               train_also: Sequence[str] = ()) -> nn.Module:
     """Freeze every parameter of ``model`` and wrap each ``nn.Linear`` named by ``targets`` in a
-    :class:`LoRALinear`, in place; returns ``model``. Afterwards only the adapters train.
+    :class:`LoRALinear`, in place; returns ``model``. Afterwards only the adapters train, plus
+    the embedding rows of the ids in ``token_rows`` (a GPT's tied embedding and head, see
+    :class:`TokenRows`) and every parameter of the modules named by ``train_also``.
 
-    The output head (tied to the token embedding) is left alone unless named in ``targets``.
+    Names are dotted suffixes ("c_proj" is both attn.c_proj and mlp.c_proj). The output head is
+    left alone unless named in ``targets``.
     """
     if isinstance(targets, str):
         targets = (targets,)
+    if isinstance(train_also, str):
+        train_also = (train_also,)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has LoRA adapters; merge or load into a fresh model instead")
     for p in model.parameters():
@@ -129,6 +207,23 @@ def apply_lora(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, r: in
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(linear, r=r, alpha=alpha, dropout=dropout))
+    if len(token_rows):
+        wte, head = getattr(model, "transformer", None), getattr(model, "lm_head", None)
+        wte = getattr(wte, "wte", None)
+        if not isinstance(wte, nn.Embedding) or head is None or head.weight is not wte.weight:
+            raise ValueError("token_rows needs a GPT whose token embedding (transformer.wte) is tied to "
+                             "its output head (lm_head)")
+        rows = TokenRows(wte, token_rows)
+        model.transformer.wte, model.lm_head = rows, TiedHead(rows)
+    also = [(name, m) for name, m in model.named_modules() if name and _matches(name, train_also)]
+    if train_also and not also:
+        raise ValueError(f"no module matches train_also {list(train_also)}")
+    for _, module in also:
+        if module is getattr(getattr(model, "transformer", None), "wte", None):
+            raise ValueError("train_also cannot name the token embedding (it is tied to the output "
+                             "head); use token_rows for the rows that should train")
+        for p in module.parameters():
+            p.requires_grad_(True)
     return model
 
 
@@ -137,16 +232,21 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear))
 
 
+def _mergeable(model: nn.Module) -> Iterator[tuple[str, LoRALinear | TokenRows]]:
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear | TokenRows))
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Merge every adapter of ``model`` into its base weight (see :meth:`LoRALinear.merge`)."""
-    for _, layer in lora_layers(model):
+    """Merge every adapter (and the token rows) of ``model`` into its base weights (see
+    :meth:`LoRALinear.merge`)."""
+    for _, layer in _mergeable(model):
         layer.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge` (up to float rounding)."""
-    for _, layer in lora_layers(model):
+    for _, layer in _mergeable(model):
         layer.unmerge()
     return model
 
@@ -158,17 +258,18 @@ def trainable_fraction(model: nn.Module) -> float:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters alone: ``{"<layer>.lora_A": ..., "<layer>.lora_B": ...}`` (CPU copies)."""
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in lora_layers(model):
+    """What :func:`apply_lora` made trainable, alone (CPU copies): ``<layer>.lora_A`` and
+    ``<layer>.lora_B``, the token rows' ``delta`` and ``token_ids``, and the ``train_also``
+    modules' parameters."""
+    if not any(True for _ in lora_layers(model)):
+        raise ValueError("the model has no LoRA adapters; call apply_lora(model, ...) first")
+    for name, layer in _mergeable(model):
         if layer.merged:
             raise ValueError(f"{name} is merged into its base weight; unmerge(model) before saving the "
                              "adapters, or the base weight you load them onto would hold them twice")
-        state[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
-        state[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
-    if not state:
-        raise ValueError("the model has no LoRA adapters; call apply_lora(model, ...) first")
-    return state
+    state = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    state.update((f"{name}.token_ids", m.token_ids) for name, m in model.named_modules() if isinstance(m, TokenRows))
+    return {name: t.detach().cpu().contiguous() for name, t in state.items()}
 
 
 def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -191,21 +292,23 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not layers:
         raise ValueError(f"the model has no LoRA adapters to load {path} into; call apply_lora(model, "
                          f"r={meta.get('r')}, alpha={meta.get('alpha')}, targets=...) first")
-    ours = {f"{name}.{part}": getattr(layer, part) for name, layer in layers.items()
-            for part in ("lora_A", "lora_B")}
+    ours = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    ours.update((f"{name}.token_ids", m.token_ids) for name, m in model.named_modules() if isinstance(m, TokenRows))
     missing, unexpected = sorted(set(ours) - set(tensors)), sorted(set(tensors) - set(ours))
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this model's adapters: missing {missing[:4]}, unexpected "
-                         f"{unexpected[:4]}; apply_lora with the targets the file was saved with")
+                         f"{unexpected[:4]}; apply_lora with the targets, token_rows and train_also the "
+                         "file was saved with")
     wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(p.shape)}" for k, p in ours.items()
              if tensors[k].shape != p.shape]
     if wrong:
         raise ValueError(f"{path} has adapters of other shapes than this model's ({'; '.join(wrong[:3])}); "
                          f"it was saved with rank r={meta.get('r')}: apply_lora with that rank and a base "
                          "model of the same size")
-    for name, layer in layers.items():
+    for name, layer in _mergeable(model):
         if layer.merged:
             raise ValueError(f"{name} is merged; unmerge(model) before loading other adapters")
+    for layer in layers.values():
         scale = float(meta.get("alpha", layer.alpha)) / float(meta.get("r", layer.r))
         if not math.isclose(scale, layer.scaling):
             raise ValueError(f"{path} was saved with alpha/r = {scale:g}, but this model's adapters use "

@@ -266,6 +266,27 @@ class GPT(nn.Module):
         Returns ``(logits, loss)``, or ``(logits, loss, attentions)`` with ``return_attention``;
         ``loss`` is None without targets.
         """
+        x, attentions = self._trunk(idx, kv_cache, return_attention)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            if last_only:
+                raise ValueError("targets need logits at every position; drop last_only=True")
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
+        if return_attention:
+            return logits, loss, attentions
+        return logits, loss
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), after ``ln_f``: what the output head reads,
+        and what a reward or value head reads instead (:mod:`minigpt.rlhf`)."""
+        return self._trunk(idx, None, False)[0]
+
+    def _trunk(self, idx: torch.Tensor, kv_cache: KVCache | None,
+               return_attention: bool) -> tuple[torch.Tensor, list[Any]]:
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -285,19 +306,7 @@ class GPT(nn.Module):
             attentions.append(att)
         if kv_cache is not None:
             kv_cache.length += T
-        x = self.transformer.ln_f(x)
-        if last_only:
-            x = x[:, -1:, :]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            if last_only:
-                raise ValueError("targets need logits at every position; drop last_only=True")
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100)
-        if return_attention:
-            return logits, loss, attentions
-        return logits, loss
+        return self.transformer.ln_f(x), attentions
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, *,
                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> KVCache:

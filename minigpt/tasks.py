@@ -26,18 +26,15 @@ from __future__ import annotations
 import hashlib
 import random
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from minigpt.chat import END_OF_TURN, Conversation, Message, check_chat_tokenizer, render_prompt
 from minigpt.data import require_hub
-from minigpt.generate import generate
+from minigpt.generate import complete
 from minigpt.model import GPT
 from minigpt.tokenizer import BPETokenizer
 
@@ -49,6 +46,8 @@ __all__ = [
     "alpaca_conversation",
     "answers",
     "arithmetic",
+    "correct",
+    "even_digits",
     "exact_match",
     "few_shot_prompt",
     "load_chat_data",
@@ -302,6 +301,21 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(".").strip()
 
 
+def correct(conversation: Conversation, response: str) -> float:
+    """1.0 if ``response`` is the conversation's answer (after :func:`normalize_answer`), else 0.0:
+    the verifiable reward of RL on arithmetic (GRPO)."""
+    return float(normalize_answer(response) == normalize_answer(conversation.answer))
+
+
+def even_digits(conversation: Conversation, response: str) -> float:
+    """A stand-in labeler with a simple, checkable taste: the share of the response's digits that
+    are even (0.0 without digits). It ignores the question -- and whether the answer is right --
+    which is the point: a reward model learns *this*, and RL against it shows what optimising a
+    proxy does (the RLHF chapter)."""
+    digits = [c for c in response if c.isdigit()]
+    return sum(c in "02468" for c in digits) / len(digits) if digits else 0.0
+
+
 def _plain(messages: Sequence[Message]) -> str:
     """A conversation as plain text for a base model: context line, then Q:/A: lines."""
     prefix = {"system": "", "user": "Q: ", "assistant": "A: "}
@@ -322,30 +336,6 @@ def few_shot_prompt(shots: Sequence[Conversation], conversation: Conversation) -
     return "".join(_plain(s.messages) + "\n\n" for s in shots) + _plain(conversation.prompt) + "\nA:"
 
 
-def _greedy(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_tokens: Sequence[int],
-            batch_size: int) -> list[list[int]]:
-    """Greedy continuations, batched among prompts of equal length (generate has no padding)."""
-    block = model.config.block_size
-    for i, p in enumerate(prompts):
-        if len(p) + max_new_tokens > block:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it does "
-                             f"not fit the model's block_size={block}: use fewer few-shot examples or "
-                             "shorter conversations")
-    device = next(model.parameters()).device
-    by_length: defaultdict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_length[len(p)].append(i)
-    out: list[list[int]] = [[] for _ in prompts]
-    for length, rows in by_length.items():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
-            new = generate(model, idx, max_new_tokens, temperature=0.0, stop_tokens=stop_tokens)[:, length:]
-            for i, ids in zip(chunk, new.tolist()):
-                out[i] = ids
-    return out
-
-
 def answers(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation], *,
             few_shot: Sequence[Conversation] | None = None, max_new_tokens: int | None = None,
             batch_size: int = 64) -> list[str]:
@@ -362,11 +352,11 @@ def answers(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Convers
     if few_shot is None:
         end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
         prompts = [render_prompt(c, tokenizer) for c in conversations]
-        outs = _greedy(model, prompts, max_new_tokens, [end], batch_size)
+        outs = complete(model, prompts, max_new_tokens, stop_tokens=[end], batch_size=batch_size)
         return [tokenizer.decode(ids[:ids.index(end)] if end in ids else ids) for ids in outs]
     newline = [i for i, b in tokenizer.vocab.items() if b"\n" in b]
     prompts = [tokenizer.encode(few_shot_prompt(few_shot, c)) for c in conversations]
-    outs = _greedy(model, prompts, max_new_tokens, newline, batch_size)
+    outs = complete(model, prompts, max_new_tokens, stop_tokens=newline, batch_size=batch_size)
     return [tokenizer.decode(ids).split("\n", 1)[0] for ids in outs]
 
 

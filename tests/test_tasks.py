@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-import minigpt.tasks as tasks
+import minigpt.generate
 from minigpt.chat import Conversation, render_prompt, with_chat_tokens
 from minigpt.model import GPT, GPTConfig
 from minigpt.tasks import (
@@ -131,12 +131,13 @@ def test_few_shot_prompt_is_plain_text():
 
 
 class _Scripted:
-    """Stands in for ``generate``: each prompt (a tuple of ids) continues with scripted tokens."""
+    """Stands in for ``minigpt.generate.generate`` (which ``complete`` calls): each prompt (a tuple
+    of ids) continues with scripted tokens."""
 
     def __init__(self, script, pad):
         self.script, self.pad, self.calls = script, pad, []
 
-    def __call__(self, model, idx, max_new_tokens, *, temperature, stop_tokens):
+    def __call__(self, model, idx, max_new_tokens, *, temperature, stop_tokens, generator=None):
         assert temperature == 0.0
         self.calls.append(idx.shape)
         rows = []
@@ -152,7 +153,7 @@ def test_exact_match_stops_at_the_end_token_and_batches_prompts_by_length(tok, m
     said = {"3": "3", "34": "34", "85": "86", "4": "4 "}  # one wrong answer; "4 " is right once normalised
     script = {tuple(render_prompt(c, tok)): tok.encode(said[c.answer]) + [end] + tok.encode("99") for c in convs}
     fake = _Scripted(script, end)
-    monkeypatch.setattr(tasks, "generate", fake)
+    monkeypatch.setattr(minigpt.generate, "generate", fake)
     model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8))
     assert answers(model, tok, convs) == ["3", "34", "86", "4 "]  # cut at <|end|>: the "99" after it is dropped
     lengths = sorted(len(render_prompt(c, tok)) for c in convs)
@@ -165,7 +166,7 @@ def test_few_shot_answers_stop_at_the_newline(tok, monkeypatch):
     shots = [Conversation.single("What is 1 + 2?", "3")]
     convs = [Conversation.single("What is 37 + 48?", "85"), Conversation.single("What is 3 + 4?", "7")]
     script = {tuple(tok.encode(few_shot_prompt(shots, c))): tok.encode(f" {c.answer}\n\nQ: What") for c in convs}
-    monkeypatch.setattr(tasks, "generate", _Scripted(script, tok.encode("\n")[0]))
+    monkeypatch.setattr(minigpt.generate, "generate", _Scripted(script, tok.encode("\n")[0]))
     model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8))
     assert answers(model, tok, convs, few_shot=shots) == [" 85", " 7"]
     assert exact_match(model, tok, convs, few_shot=shots) == 1.0
