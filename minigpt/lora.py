@@ -218,10 +218,12 @@ def apply_lora(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, r: in
     also = [(name, m) for name, m in model.named_modules() if name and _matches(name, train_also)]
     if train_also and not also:
         raise ValueError(f"no module matches train_also {list(train_also)}")
-    for _, module in also:
-        if module is getattr(getattr(model, "transformer", None), "wte", None):
-            raise ValueError("train_also cannot name the token embedding (it is tied to the output "
-                             "head); use token_rows for the rows that should train")
+    wte = getattr(getattr(model, "transformer", None), "wte", None)
+    table = getattr(wte, "weight", None)
+    for name, module in also:
+        if module is wte or any(p is table for p in module.parameters()):
+            raise ValueError(f"train_also cannot name {name}: it holds the token embedding, which is tied "
+                             "to the output head; use token_rows for the rows that should train")
         for p in module.parameters():
             p.requires_grad_(True)
     return model

@@ -5,6 +5,8 @@ from safetensors.torch import save_file
 from minigpt.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.lora import (
     LoRALinear,
+    TiedHead,
+    TokenRows,
     apply_lora,
     load_lora,
     lora_layers,
@@ -164,3 +166,122 @@ def test_base_weights_keep_their_names_and_a_lora_checkpoint_round_trips(tmp_pat
     load_checkpoint(tmp_path / "lora.safetensors", again)
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x)[0], model(x)[0], rtol=0, atol=0)
+
+
+ROWS = (3, 5, 60)
+ALSO = ("ln_1", "ln_2", "ln_f", "wpe")
+
+
+def _randomize_trainable(model, seed=3):
+    """Every trainable parameter (adapters, token rows, train_also modules) to random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_token_rows_start_at_the_base_model_and_the_head_stays_tied():
+    base = _model()
+    model = apply_lora(_model(), r=4, token_rows=(60, 3, 5, 3), train_also=ALSO)  # order and repeats don't matter
+    wte = model.transformer.wte
+    assert isinstance(wte, TokenRows) and isinstance(model.lm_head, TiedHead)
+    assert wte.token_ids.tolist() == list(ROWS) and wte.delta.shape == (3, CONFIG.n_embd)
+    assert model.lm_head.weight is wte.weight  # tied, and saved once as before
+    x = _idx()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], base(x)[0], rtol=0, atol=0)  # delta = 0: exactly the base
+        wte.delta.copy_(torch.randn(wte.delta.shape, generator=torch.Generator().manual_seed(4)))
+        # A plain GPT with the corrected rows in its one tied table: what goes in and what comes out.
+        base.transformer.wte.weight[list(ROWS)] += wte.delta
+        torch.testing.assert_close(model(x)[0], base(x)[0], rtol=0, atol=1e-5)
+        assert not torch.allclose(model(x)[0], _model()(x)[0])
+
+
+def test_a_step_trains_only_the_rows_adapters_and_train_also():
+    model = apply_lora(_model(), r=4, token_rows=ROWS, train_also=("ln_f",))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapters = {f"transformer.h.{i}.{m}.lora_{ab}" for i in range(2)
+                for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") for ab in "AB"}
+    assert trainable == adapters | {"transformer.wte.delta", "transformer.ln_f.weight", "transformer.ln_f.bias"}
+    table = model.transformer.wte.weight.detach().clone()
+    effective = model.transformer.wte.table().detach().clone()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = _idx()
+    trainer = Trainer(model, TrainConfig(max_steps=3, warmup_steps=1, learning_rate=1e-2), _Repeat(x[:, :-1], x[:, 1:]))
+    assert sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+    trainer.train_step()
+    trainer.train_step()
+    assert torch.equal(model.transformer.wte.weight, table)  # the base embedding, bit for bit
+    now = model.transformer.wte.table().detach()
+    rows, others = list(ROWS), [i for i in range(CONFIG.vocab_size) if i not in ROWS]
+    assert all(not torch.equal(now[i], effective[i]) for i in rows)  # every chosen row moved
+    assert torch.equal(now[others], effective[others])  # no other row did
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+
+
+def test_trainable_fraction_counts_rows_and_train_also_modules():
+    plain = sum(p.numel() for p in _model().parameters())  # the tied table counts once
+    model = apply_lora(_model(), r=4, token_rows=ROWS, train_also=ALSO)
+    # (in, out) of c_attn, attn.c_proj, c_fc and mlp.c_proj in each of 2 blocks, at rank 4
+    n_lora = 2 * sum(4 * (i + o) for i, o in ((32, 96), (32, 32), (32, 128), (128, 32)))
+    n_also = (2 * 2 * 2 + 2) * 32 + CONFIG.block_size * 32  # ln_1, ln_2 per block and ln_f; wpe
+    n_all = plain + n_lora + 3 * 32  # the rows' delta is a parameter of its own
+    assert trainable_fraction(model) == pytest.approx((n_lora + 3 * 32 + n_also) / n_all)
+
+
+def test_merged_token_rows_give_the_same_logits_and_unmerge_restores_them():
+    model = apply_lora(_model(), r=4, token_rows=ROWS, train_also=ALSO)
+    _randomize_trainable(model)
+    table = model.transformer.wte.weight.detach().clone()
+    weights = {n: layer.weight.detach().clone() for n, layer in lora_layers(model)}
+    x = _idx()
+    with torch.no_grad():
+        unmerged = model(x)[0]
+        merge(model)
+        assert model.transformer.wte.merged and model.lm_head.weight is model.transformer.wte.weight
+        torch.testing.assert_close(model.transformer.wte.weight[list(ROWS)],
+                                   table[list(ROWS)] + model.transformer.wte.delta)
+        torch.testing.assert_close(model(x)[0], unmerged, rtol=0, atol=1e-5)
+        unmerge(model)
+        torch.testing.assert_close(model(x)[0], unmerged, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.transformer.wte.weight, table, rtol=0, atol=1e-6)
+    for n, layer in lora_layers(model):
+        torch.testing.assert_close(layer.weight, weights[n], rtol=0, atol=1e-6)
+
+
+def test_token_rows_and_train_also_save_and_load(tmp_path):
+    model = apply_lora(_model(), r=4, token_rows=ROWS, train_also=ALSO)
+    _randomize_trainable(model)
+    state = lora_state_dict(model)
+    assert {"transformer.wte.delta", "transformer.wte.token_ids", "transformer.wpe.weight",
+            "transformer.ln_f.weight", "transformer.h.1.ln_2.bias"} <= set(state)
+    assert "transformer.wte.weight" not in state and "lm_head.weight" not in state  # the frozen table stays out
+    path = save_lora(model, tmp_path / "rows.safetensors")
+    fresh = load_lora(apply_lora(_model(), r=4, token_rows=ROWS, train_also=ALSO), path)
+    x = _idx()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)[0], model(x)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"rows\.safetensors does not fit.*token_rows"):
+        load_lora(apply_lora(_model(), r=4, train_also=ALSO), path)
+    with pytest.raises(ValueError, match=r"rows\.safetensors does not fit.*unexpected.*ln_1"):
+        load_lora(apply_lora(_model(), r=4, token_rows=ROWS), path)
+
+
+def test_token_rows_and_train_also_refuse_what_they_cannot_do():
+    for bad in ((64,), (-1,), (3, 64)):
+        with pytest.raises(ValueError, match=r"token_rows must be token ids in \[0, 64\)"):
+            apply_lora(_model(), token_rows=bad)
+    for name in ("wte", "lm_head", "transformer"):  # each holds the tied embedding
+        with pytest.raises(ValueError, match=f"train_also cannot name (transformer\\.)?{name}:.*token_rows"):
+            apply_lora(_model(), token_rows=ROWS, train_also=(name,))
+    with pytest.raises(ValueError, match="train_also cannot name transformer.wte"):
+        apply_lora(_model(), train_also=("wte",))
+    with pytest.raises(ValueError, match=r"no module matches train_also \['ln_3'\]"):
+        apply_lora(_model(), train_also=("ln_3",))
+    untied = _model()
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    with pytest.raises(ValueError, match="tied to its output head"):
+        apply_lora(untied, token_rows=ROWS)

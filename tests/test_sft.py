@@ -4,12 +4,22 @@ import pytest
 import torch
 
 import minigpt
-from minigpt.chat import Conversation, render, with_chat_tokens
+from minigpt.chat import CHAT_TOKENS, Conversation, render, with_chat_tokens
 from minigpt.cli import main
-from minigpt.lora import lora_layers
+from minigpt.lora import apply_lora, lora_layers, trainable_fraction
 from minigpt.model import GPT, GPTConfig
 from minigpt.pretrain import pretrained
-from minigpt.sft import TASK_CHOICES, SFTSource, load_sft, resize_vocab, sft, task_data
+from minigpt.sft import (
+    SFT_SETTINGS,
+    TASK_CHOICES,
+    SFTSource,
+    load_sft,
+    lora_settings,
+    lora_token_ids,
+    resize_vocab,
+    sft,
+    task_data,
+)
 from minigpt.tasks import answers, arithmetic
 from minigpt.tokenizer import train_bpe
 from minigpt.train import TrainConfig, Trainer
@@ -150,17 +160,45 @@ def test_a_finished_run_reloads_with_the_same_answers(ci_run):
     assert answers(model, tok, run.test[:20]) == answers(run.model, run.tokenizer, run.test[:20])
 
 
-def test_lora_sft_trains_only_the_adapters(tmp_path):
+def test_lora_token_rows_are_the_chat_tokens_then_the_commonest_answer_tokens(tok):
+    chat = [tok.special_tokens[t] for t in CHAT_TOKENS]
+    convs = [Conversation.single("What is 1 + 1?", "22"), Conversation.single("What is 0 + 3?", "3")]
+    examples = [render(c, tok) for c in convs]
+    two, three = tok.encode("2"), tok.encode("3")
+    assert lora_token_ids(tok, examples, 10) == chat + two + three  # "2" twice, "3" once; <|end|> is a chat token
+    assert lora_token_ids(tok, examples, 5) == chat + two
+    assert lora_token_ids(tok, examples, 0) == []
+
+
+@pytest.mark.parametrize("name", sorted(SFT_SETTINGS))
+def test_lora_settings_train_under_five_percent(name):
+    profile = minigpt.profile(name)
+    settings = lora_settings(profile)
+    with torch.device("meta"):  # the shapes alone: no memory, no time, even for the largest profile
+        model = GPT(GPTConfig.from_profile(profile, vocab_size=profile.vocab_size + len(CHAT_TOKENS)))
+        apply_lora(model, **{**settings, "token_rows": range(settings["token_rows"])})
+    assert 0 < trainable_fraction(model) < 0.05
+
+
+def test_lora_sft_trains_only_the_adapters_rows_and_train_also(tmp_path):
     profile = minigpt.profile("ci")
     base, base_tok = pretrained(profile, progress=False)
     run = sft(profile, base, tmp_path, tokenizer=base_tok, lora=True, max_steps=10, progress=False)
-    assert 0 < sum(p.numel() for p in run.model.parameters() if p.requires_grad) < 0.05 * sum(
-        p.numel() for p in run.model.parameters())
-    start = resize_vocab(base, run.tokenizer.vocab_size, seed=run.trainer.cfg.seed).state_dict()
+    assert 0 < trainable_fraction(run.model) < 0.05
+    meta = json.loads((tmp_path / "sft.json").read_text())["lora"]
+    tok = run.tokenizer
+    digits = sorted(tok.encode("0123456789"))
+    assert len(digits) == 10 and meta["token_rows"][:4] == [tok.special_tokens[t] for t in CHAT_TOKENS]
+    assert sorted(meta["token_rows"][4:]) == digits  # the answers are digits: the only other learned tokens
+    assert meta["train_also"] == list(lora_settings(profile)["train_also"])
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    assert "transformer.wte.delta" in trainable and "transformer.ln_f.weight" in trainable
+    start = resize_vocab(base, tok.vocab_size, seed=run.trainer.cfg.seed).state_dict()
     for name, value in run.model.state_dict().items():
-        if "lora_" not in name:
-            assert torch.equal(value, start[name]), name
+        if name not in trainable and not name.endswith("token_ids"):
+            assert torch.equal(value, start[name]), name  # the base embedding (and head) included
     assert any(layer.lora_B.abs().sum() > 0 for _, layer in lora_layers(run.model))
+    assert run.model.transformer.wte.delta.abs().sum() > 0
     assert (tmp_path / "lora.safetensors").stat().st_size < 100_000
     model, tok = load_sft(tmp_path)
     x = torch.tensor([render(run.test[0], tok)[0]])
