@@ -88,6 +88,29 @@ def _cmd_sft(args: argparse.Namespace) -> None:
         print(f"chat with it: minigpt chat {args.out}")
 
 
+def _cmd_rlhf(args: argparse.Namespace) -> None:
+    from minigpt.rlhf import run
+
+    prof = profile(args.profile)
+    out = args.out or f"runs/rlhf/{args.stage}"
+    overrides = {k: v for k, v in (("steps", args.steps), ("learning_rate", args.learning_rate)) if v is not None}
+    if args.stage == "reward":
+        if overrides:
+            raise ValueError("--steps and --learning-rate apply to ppo, dpo and grpo; the reward model's are in "
+                             "minigpt.rlhf.run.RLHF_SETTINGS")
+        stage = run.run_reward(prof, out)
+    elif args.stage == "ppo":
+        stage = run.run_ppo(prof, out, args.reward, **overrides)
+    elif args.stage == "dpo":
+        stage = run.run_dpo(prof, out, **({"rpo_alpha": None} if args.plain else {}), **overrides)
+    else:
+        stage = run.run_grpo(prof, out, **({"advantage": "rloo"} if args.rloo else {}), **overrides)
+    for key, value in stage.summary.items():
+        print(f"{key:>20} = {value:.4g}" if isinstance(value, float) else f"{key:>20} = {value}")
+    if args.stage != "reward":
+        print(f"chat with it: minigpt chat {out}")
+
+
 _CHAT_HELP = """commands: /reset forgets the conversation, /temp T sets the temperature (0 = greedy),
 /help shows this, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer"""
 
@@ -191,6 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, help="peak learning rate")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     t.set_defaults(func=_cmd_sft)
+
+    r = sub.add_parser("rlhf", help="reward model, PPO, DPO or GRPO on top of an SFT model",
+                       description="Each stage starts from the profile's early-stopped SFT model (trained and "
+                                   "cached on first use) and prints its before/after numbers; settings in "
+                                   "minigpt.rlhf.run.RLHF_SETTINGS.")
+    r.add_argument("stage", choices=("reward", "ppo", "dpo", "grpo"),
+                   help="reward: train the reward model; ppo: optimise against it; dpo: learn from pairs "
+                        "directly; grpo: learn from a verifiable reward")
+    r.add_argument("--profile", help="ci, cpu, gpu or full (default: see minigpt.profile)")
+    r.add_argument("--out", help="output folder (default runs/rlhf/STAGE)")
+    r.add_argument("--reward", default="runs/rlhf/reward/reward_model.safetensors",
+                   help="ppo: the reward model `minigpt rlhf reward` wrote")
+    r.add_argument("--plain", action="store_true", help="dpo: without RPO's NLL term (to see the pitfall)")
+    r.add_argument("--rloo", action="store_true", help="grpo: RLOO's leave-one-out baseline instead")
+    r.add_argument("--steps", type=int, help="iterations (ppo, dpo, grpo)")
+    r.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, help="learning rate")
+    r.set_defaults(func=_cmd_rlhf)
 
     c = sub.add_parser("chat", help="talk to a fine-tuned model in the terminal",
                        description=_CHAT_HELP.replace("\n", " "))

@@ -1,0 +1,190 @@
+"""What every RLHF method shares: sampling responses, packing them, and per-token log-probs.
+
+A *response* is the token ids the policy wrote after a chat prompt (:func:`~minigpt.chat.render_prompt`),
+ending with ``<|end|>`` when the model finished its turn. :func:`pack` right-pads prompt + response
+rows into one batch; with causal attention, padding after a row's last real token cannot change
+anything before it, so no attention mask is needed and a padded row scores exactly as it would alone.
+
+Positions are *target* positions: ``logprobs[:, t]`` is log p(ids[t + 1] | ids[:t + 1]). The
+response mask marks the targets that are response tokens; every loss of this package averages or
+sums over it, so prompt and padding never count.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from minigpt.chat import END_OF_TURN, Conversation, check_chat_tokenizer, render_prompt
+from minigpt.generate import complete
+from minigpt.model import GPT
+from minigpt.tokenizer import BPETokenizer
+from minigpt.train import TrainConfig, lr_at, make_optimizer
+
+__all__ = [
+    "Packed",
+    "Stepper",
+    "end_token",
+    "entropy",
+    "finished",
+    "masked_mean",
+    "pack",
+    "prompt_ids",
+    "response_text",
+    "sample_responses",
+    "sequence_kl",
+    "token_logprobs",
+    "whiten",
+]
+
+
+def end_token(tokenizer: BPETokenizer) -> int:
+    """The id of ``<|end|>``, the token that ends an assistant turn (and a response)."""
+    return check_chat_tokenizer(tokenizer)[END_OF_TURN]
+
+
+def response_text(tokenizer: BPETokenizer, response: Sequence[int]) -> str:
+    """A response's text, without its final ``<|end|>``."""
+    end = end_token(tokenizer)
+    return tokenizer.decode(list(response[:-1] if response and response[-1] == end else response))
+
+
+def finished(tokenizer: BPETokenizer, responses: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B,) True where the response ended its turn with ``<|end|>`` (not cut off by the length limit)."""
+    end = end_token(tokenizer)
+    return torch.tensor([bool(r) and r[-1] == end for r in responses])
+
+
+def prompt_ids(conversations: Iterable[Conversation], tokenizer: BPETokenizer) -> list[list[int]]:
+    """The chat prompt of each conversation, ready for the policy to answer."""
+    return [render_prompt(c, tokenizer) for c in conversations]
+
+
+@dataclass
+class Packed:
+    """Prompt + response rows, right-padded: ``ids`` (B, T); ``mask`` (B, T - 1) is True at the
+    target positions that are response tokens; ``last`` (B,) is the index of each row's last
+    real token (where a reward model reads its score)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    last: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.size(0)
+
+    def rows(self, index: torch.Tensor | slice) -> Packed:
+        """A sub-batch (for minibatches)."""
+        return Packed(self.ids[index], self.mask[index], self.last[index])
+
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int = 0,
+         device: torch.device | str = "cpu") -> Packed:
+    """Right-pad ``prompt + response`` rows into one :class:`Packed` batch."""
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"pack needs as many responses as prompts, at least one; got {len(prompts)} prompts "
+                         f"and {len(responses)} responses")
+    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), max(width - 1, 1), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if not p:
+            raise ValueError(f"row {i} has an empty prompt; a response is always written after a prompt")
+        ids[i, :len(p) + len(r)] = torch.tensor(rows[i])
+        mask[i, len(p) - 1:len(p) + len(r) - 1] = True  # target t predicts ids[t + 1]
+    last = torch.tensor([len(r) - 1 for r in rows])
+    return Packed(ids.to(device), mask.to(device), last.to(device))
+
+
+def token_logprobs(model: GPT, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(ids[:, t + 1] | ids[:, :t + 1]) for every t, (B, T - 1), under ``logits / temperature``:
+    the distribution responses were sampled from, so ratios and KL compare like with like."""
+    logits, _ = model(ids)
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def entropy(model: GPT, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy (nats) of the next-token distribution at every target position, (B, T - 1)."""
+    with torch.no_grad():
+        logits, _ = model(ids)
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the True entries of ``mask``."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``x`` scaled to unit variance (and zero mean) over ``mask``; zero outside it."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def sample_responses(model: GPT, prompts: Sequence[Sequence[int]], tokenizer: BPETokenizer, *,
+                     max_new_tokens: int, temperature: float = 1.0, generator: torch.Generator | None = None,
+                     batch_size: int = 256) -> list[list[int]]:
+    """One sampled response per prompt, ending at ``<|end|>`` if the model wrote it."""
+    return complete(model, prompts, max_new_tokens, stop_tokens=[end_token(tokenizer)], batch_size=batch_size,
+                    temperature=temperature, generator=generator)
+
+
+@torch.no_grad()
+def sequence_kl(policy: GPT, reference: GPT, prompts: Sequence[Sequence[int]], tokenizer: BPETokenizer, *,
+                max_new_tokens: int, seed: int = 0) -> float:
+    """KL(policy || reference) in nats per response, estimated on responses the policy samples at
+    temperature 1: the mean over responses of the summed log-ratio of their tokens."""
+    gen = torch.Generator(device=policy.transformer.wte.weight.device).manual_seed(seed)
+    responses = sample_responses(policy, prompts, tokenizer, max_new_tokens=max_new_tokens, generator=gen)
+    batch = pack(prompts, responses, device=policy.transformer.wte.weight.device)
+    was = policy.training, reference.training
+    policy.eval(), reference.eval()
+    log_ratio = token_logprobs(policy, batch.ids) - token_logprobs(reference, batch.ids)
+    policy.train(was[0]), reference.train(was[1])
+    return float((log_ratio * batch.mask).sum(-1).mean())
+
+
+class Stepper:
+    """An optimizer step as the pretraining Trainer takes it (AdamW with decay on matrices only,
+    warmup then cosine, gradient clipping), for the RLHF loops, which make their own batches."""
+
+    def __init__(self, params_of: torch.nn.Module, *, learning_rate: float, max_steps: int,
+                 warmup_steps: int = 0, weight_decay: float = 0.0, grad_clip: float = 1.0) -> None:
+        self.cfg = TrainConfig(max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
+                               weight_decay=weight_decay, grad_clip=grad_clip, min_lr_ratio=1.0)
+        self.module = params_of
+        device = next(params_of.parameters()).device.type
+        self.optimizer = make_optimizer(params_of, self.cfg, device)
+        self.step_count = 0
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward ``loss``, clip, update; returns the gradient norm before clipping."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step_count, self.cfg)
+        loss.backward()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return float(norm)
+
+
+def draw(items: Sequence[Any], n: int, rng: random.Random) -> list[Any]:
+    """``n`` items drawn without replacement (with replacement once ``n`` exceeds the pool)."""
+    return rng.sample(list(items), n) if n <= len(items) else rng.choices(list(items), k=n)
+
+
+RewardFn = Callable[[Conversation, str], float]

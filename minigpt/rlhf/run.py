@@ -1,0 +1,237 @@
+"""The RLHF stages as runs: per-profile settings, the starting policy, and what ``minigpt rlhf`` does.
+
+Every stage starts from the same policy: an SFT model on arithmetic that *stopped early*
+(:attr:`RLHFSettings.sft_steps`), so it has the chat format but not yet the skill, and RL has
+room to show an effect. It is trained on first use and cached, like the pretrained model.
+
+* ``reward``: sample the policy, label pairs with the rule (:func:`minigpt.tasks.even_digits`),
+  train the reward model, report held-out pair accuracy, normalise on policy samples;
+* ``ppo``: optimise the policy against that reward model (true rule reward and KL reported);
+* ``dpo``: pairs of right and wrong answers sampled from the policy, DPO with or without RPO's
+  NLL term, exact match and held-out pair accuracy reported;
+* ``grpo``: the verifiable reward (:func:`minigpt.tasks.correct`), exact match reported.
+
+Each writes ``checkpoint.safetensors`` (the policy; ``minigpt chat`` talks to it), the chat
+tokenizer, ``metrics.jsonl`` and ``summary.json`` with the before/after numbers to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigpt.chat import Conversation
+from minigpt.checkpoint import load_checkpoint, save_checkpoint
+from minigpt.data import cache_dir
+from minigpt.model import GPT
+from minigpt.profiles import Profile
+from minigpt.rlhf.core import pack, prompt_ids, sample_responses, sequence_kl
+from minigpt.rlhf.dpo import DPOConfig, dpo, implicit_accuracy
+from minigpt.rlhf.grpo import GRPOConfig, grpo
+from minigpt.rlhf.ppo import PPOConfig, ppo
+from minigpt.rlhf.reward import (
+    RewardModel,
+    correction_pairs,
+    load_reward_model,
+    pair_accuracy,
+    preference_pairs,
+    save_reward_model,
+    train_reward_model,
+)
+from minigpt.sft import load_sft, sft, sft_settings
+from minigpt.tasks import arithmetic, correct, even_digits, exact_match
+from minigpt.tokenizer import BPETokenizer
+
+__all__ = ["RLHF_SETTINGS", "RLHFSettings", "Stage", "problems", "run_dpo", "run_grpo", "run_ppo", "run_reward",
+           "rlhf_settings", "start_policy"]
+
+
+@dataclass(frozen=True)
+class RLHFSettings:
+    """Per-profile knobs of the stages (the model's size comes from the profile)."""
+
+    sft_steps: int  # the starting policy: SFT stopped here
+    n_test: int | None  # held-out problems for exact match, KL and pair accuracy (None: all)
+    pair_samples: int  # responses per prompt labelled to make a pair
+    pair_prompts: int  # prompts turned into pairs (train split)
+    reward_steps: int
+    reward_learning_rate: float
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    max_new_tokens: int = 6  # answers are a few digits and <|end|>
+
+
+RLHF_SETTINGS: dict[str, RLHFSettings] = {
+    "ci": RLHFSettings(sft_steps=120, n_test=None, pair_samples=4, pair_prompts=400, reward_steps=60,
+                       reward_learning_rate=1e-3,
+                       ppo=PPOConfig(steps=30, batch_size=64, learning_rate=1e-4, kl_coef=0.05, response_length=6),
+                       dpo=DPOConfig(steps=300, batch_size=32, learning_rate=5e-4, rpo_alpha=1.0),
+                       grpo=GRPOConfig(steps=100, prompts_per_step=16, learning_rate=1e-4, max_completion_length=6)),
+    "cpu": RLHFSettings(sft_steps=800, n_test=500, pair_samples=4, pair_prompts=2000, reward_steps=300,
+                        reward_learning_rate=1e-3,
+                        ppo=PPOConfig(steps=60, batch_size=64, learning_rate=1e-4, kl_coef=0.05, response_length=6),
+                        dpo=DPOConfig(steps=300, batch_size=32, learning_rate=5e-4, rpo_alpha=1.0),
+                        grpo=GRPOConfig(steps=150, prompts_per_step=16, learning_rate=1e-4, max_completion_length=6)),
+}
+RLHF_SETTINGS["gpu"] = RLHF_SETTINGS["full"] = RLHF_SETTINGS["cpu"]
+
+
+def rlhf_settings(profile: Profile) -> RLHFSettings:
+    if profile.name not in RLHF_SETTINGS:
+        raise ValueError(f"no RLHF settings for profile {profile.name!r}; add them to minigpt.rlhf.run.RLHF_SETTINGS")
+    return RLHF_SETTINGS[profile.name]
+
+
+def problems(profile: Profile, split: str, n: int | None = None) -> list[Conversation]:
+    """Arithmetic problems of the SFT task's size; the held-out ones are the SFT test split, except
+    at ``ci``, whose one-digit task holds out only 17 problems: there every problem is evaluated
+    (RL trains on the train split all the same)."""
+    max_operand = sft_settings(profile).max_operand
+    problems = arithmetic(None, split=split, max_operand=max_operand)
+    if split == "test" and profile.name == "ci":
+        problems += arithmetic(None, split="train", max_operand=max_operand)
+    return problems if n is None or n >= len(problems) else random.Random(0).sample(problems, n)
+
+
+def start_policy(profile: Profile) -> tuple[GPT, BPETokenizer]:
+    """The policy every stage starts from (see module docstring), trained on first use and cached."""
+    steps = rlhf_settings(profile).sft_steps
+    key = json.dumps([profile.name, steps, dataclasses.asdict(sft_settings(profile))], sort_keys=True)
+    out = cache_dir() / "rlhf-start" / f"{profile.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    ckpt = out / "checkpoint.safetensors"
+    if not (ckpt.exists() and load_checkpoint(ckpt)[1]["step"] >= steps):
+        sft(profile, None, out, max_steps=steps, progress=False)
+    model, tok = load_sft(out)
+    return model.to(profile.device).eval(), tok
+
+
+def _write(out: Path, policy: GPT, tok: BPETokenizer, stage: str, history: list[dict[str, Any]],
+           summary: dict[str, Any], profile: Profile) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "checkpoint.safetensors", policy, step=history[-1]["step"], stage=stage)
+    tok.save(out / "tokenizer.bpe")
+    # The same metadata as an SFT run, so `minigpt chat OUT` and load_sft read an RLHF policy too.
+    (out / "sft.json").write_text(json.dumps({"profile": profile.name, "task": "arithmetic", "lora": None,
+                                              "stage": stage}, indent=1))
+    with open(out / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+@dataclass
+class Stage:
+    """What a stage returns: the trained model, its history and the before/after numbers."""
+
+    model: Any
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def run_reward(profile: Profile, out_dir: str | os.PathLike) -> Stage:
+    """Train the reward model on the rule's preferences between the start policy's own answers."""
+    s = rlhf_settings(profile)
+    policy, tok = start_policy(profile)
+    pairs = preference_pairs(policy, tok, problems(profile, "train", s.pair_prompts), even_digits,
+                             samples=s.pair_samples, max_new_tokens=s.max_new_tokens)
+    test_pairs = preference_pairs(policy, tok, problems(profile, "test", s.n_test), even_digits,
+                                  samples=s.pair_samples, max_new_tokens=s.max_new_tokens, seed=1)
+    rm, history = train_reward_model(policy, pairs, steps=s.reward_steps, learning_rate=s.reward_learning_rate)
+    accuracy, margin = pair_accuracy(rm, test_pairs)
+    test = problems(profile, "test", s.n_test)
+    prompts = prompt_ids(test, tok)
+    responses = sample_responses(policy, prompts, tok, max_new_tokens=s.max_new_tokens,
+                                 generator=torch.Generator(device=profile.device).manual_seed(2))
+    mean, std = rm.normalize(pack(prompts, responses, device=profile.device))
+    summary = {"train_pairs": len(pairs), "test_pairs": len(test_pairs), "pair_accuracy": accuracy,
+               "margin": margin, "raw_mean": mean, "raw_std": std}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_reward_model(rm, out / "reward_model.safetensors")
+    with open(out / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return Stage(rm, history, summary)
+
+
+def _before_after(profile: Profile, policy: GPT, reference: GPT, tok: BPETokenizer) -> dict[str, float]:
+    s = rlhf_settings(profile)
+    test = problems(profile, "test", s.n_test)
+    return {"exact_match": exact_match(policy, tok, test),
+            "kl": sequence_kl(policy, reference, prompt_ids(test, tok), tok, max_new_tokens=s.max_new_tokens)}
+
+
+def true_reward(policy: GPT, tok: BPETokenizer, problems: list[Conversation], *, max_new_tokens: int,
+                temperature: float, seed: int = 3) -> float:
+    """The rule's mean reward of the policy's sampled answers (what the reward model stands in for)."""
+    from minigpt.rlhf.core import response_text
+
+    responses = sample_responses(policy, prompt_ids(problems, tok), tok, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, generator=torch.Generator().manual_seed(seed))
+    return sum(even_digits(c, response_text(tok, r)) for c, r in zip(problems, responses)) / len(problems)
+
+
+def run_ppo(profile: Profile, out_dir: str | os.PathLike, reward_model: RewardModel | str | os.PathLike,
+            **overrides: Any) -> Stage:
+    """PPO against ``reward_model`` (a model or a ``reward_model.safetensors`` path)."""
+    s = rlhf_settings(profile)
+    cfg = dataclasses.replace(s.ppo, **overrides)
+    if not isinstance(reward_model, RewardModel) and not Path(reward_model).exists():
+        raise FileNotFoundError(f"reward model {reward_model} does not exist; train one first with "
+                                f"`minigpt rlhf reward --profile {profile.name}` (or pass --reward PATH)")
+    rm = reward_model if isinstance(reward_model, RewardModel) else load_reward_model(reward_model)
+    rm = rm.to(profile.device)
+    reference, tok = start_policy(profile)
+    policy = copy.deepcopy(reference)
+    test = problems(profile, "test", s.n_test)
+    before = true_reward(policy, tok, test, max_new_tokens=s.max_new_tokens, temperature=cfg.temperature)
+    em_before = exact_match(policy, tok, test)
+    policy, history = ppo(policy, reference, rm, tok, problems(profile, "train"), cfg, true_reward=even_digits)
+    summary = {"true_reward_before": before,
+               "true_reward_after": true_reward(policy, tok, test, max_new_tokens=s.max_new_tokens,
+                                                temperature=cfg.temperature),
+               "exact_match_before": em_before, **_before_after(profile, policy, reference, tok)}
+    _write(Path(out_dir), policy, tok, "ppo", history, summary, profile)
+    return Stage(policy, history, summary)
+
+
+def run_dpo(profile: Profile, out_dir: str | os.PathLike, **overrides: Any) -> Stage:
+    """DPO on pairs of the right answer (chosen) and wrong answers sampled from the start policy."""
+    s = rlhf_settings(profile)
+    cfg = dataclasses.replace(s.dpo, **overrides)
+    reference, tok = start_policy(profile)
+    policy = copy.deepcopy(reference)
+    pairs = correction_pairs(reference, tok, problems(profile, "train", s.pair_prompts),
+                             samples=s.pair_samples, max_new_tokens=s.max_new_tokens)
+    test_pairs = correction_pairs(reference, tok, problems(profile, "test", s.n_test),
+                                  samples=s.pair_samples, max_new_tokens=s.max_new_tokens, seed=1)
+    em_before = exact_match(policy, tok, problems(profile, "test", s.n_test))
+    policy, history = dpo(policy, reference, pairs, cfg)
+    summary = {"train_pairs": len(pairs), "test_pairs": len(test_pairs), "exact_match_before": em_before,
+               "pair_accuracy": implicit_accuracy(policy, reference, test_pairs), "rpo_alpha": cfg.rpo_alpha,
+               **_before_after(profile, policy, reference, tok)}
+    _write(Path(out_dir), policy, tok, "dpo", history, summary, profile)
+    return Stage(policy, history, summary)
+
+
+def run_grpo(profile: Profile, out_dir: str | os.PathLike, **overrides: Any) -> Stage:
+    """GRPO (or RLOO: ``advantage="rloo"``) with the verifiable reward: is the answer right?"""
+    s = rlhf_settings(profile)
+    cfg = dataclasses.replace(s.grpo, **overrides)
+    reference, tok = start_policy(profile)
+    policy = copy.deepcopy(reference)
+    em_before = exact_match(policy, tok, problems(profile, "test", s.n_test))
+    policy, history = grpo(policy, reference, tok, problems(profile, "train"), correct, cfg)
+    summary = {"exact_match_before": em_before, **_before_after(profile, policy, reference, tok)}
+    _write(Path(out_dir), policy, tok, "grpo", history, summary, profile)
+    return Stage(policy, history, summary)
+

@@ -1,0 +1,229 @@
+"""RLHF: guard tests on a tiny random model (exact identities), then outcome tests at ``ci`` size
+(each stage really does what it claims, against the true rule or the right answers)."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minigpt
+from minigpt.chat import Conversation, render_prompt, with_chat_tokens
+from minigpt.model import GPT, GPTConfig
+from minigpt.rlhf.core import end_token, pack, sequence_kl, token_logprobs
+from minigpt.rlhf.dpo import DPOConfig, dpo, dpo_loss, sequence_logprobs
+from minigpt.rlhf.grpo import GRPOConfig, group_advantages, grpo, k3_kl
+from minigpt.rlhf.ppo import PPOConfig, gae, ppo
+from minigpt.rlhf.reward import (
+    Pair,
+    RewardModel,
+    bradley_terry_loss,
+    load_reward_model,
+    save_reward_model,
+    train_reward_model,
+)
+from minigpt.tasks import arithmetic, correct, even_digits
+from minigpt.tokenizer import train_bpe
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = "What is 37 + 48? The answer is 85. 0123456789 " * 30
+    return with_chat_tokens(train_bpe(text, 280, special_tokens=["<|endoftext|>"]))
+
+
+@pytest.fixture()
+def model(tok):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def _pairs(tok, n=6):
+    end = end_token(tok)
+    convs = arithmetic(n, max_operand=20)
+    return [Pair(tuple(render_prompt(c, tok)), (*tok.encode(c.answer), end), (*tok.encode(c.answer + "7"), end))
+            for c in convs]
+
+
+# --- identities -------------------------------------------------------------------------------
+
+
+def test_pack_masks_exactly_the_response_targets():
+    batch = pack([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    assert batch.ids.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
+    # target t predicts ids[t + 1]: row 0's responses 5, 6 are targets 2, 3; row 1's 7, 8, 9 are 0, 1, 2
+    assert batch.mask.tolist() == [[False, False, True, True], [True, True, True, False]]
+    assert batch.last.tolist() == [4, 3]
+
+
+def test_kl_of_the_reference_with_itself_is_zero(model, tok):
+    prompts = [render_prompt(c, tok) for c in arithmetic(8, max_operand=20)]
+    assert sequence_kl(model, copy.deepcopy(model), prompts, tok, max_new_tokens=4) == 0.0
+    x = torch.randn(5, 7)
+    assert torch.equal(k3_kl(x, x), torch.zeros(5, 7))
+    assert (k3_kl(x, torch.randn(5, 7)) >= 0).all()
+
+
+def test_logprobs_of_one_forward_pass_equal_those_of_cached_generation(model, tok):
+    prompt = render_prompt(arithmetic(1)[0], tok)
+    ids = torch.tensor([prompt + tok.encode("1 2 3")])
+    full = token_logprobs(model, ids)[0, len(prompt) - 1:]
+    cache = model.new_kv_cache(1, ids.size(1))
+    stepwise = []
+    with torch.no_grad():
+        logits, _ = model(ids[:, :len(prompt)], kv_cache=cache, last_only=True)
+        for t in range(len(prompt), ids.size(1)):
+            stepwise.append(F.log_softmax(logits[0, -1], -1)[ids[0, t]])
+            logits, _ = model(ids[:, t:t + 1], kv_cache=cache, last_only=True)
+    torch.testing.assert_close(full, torch.stack(stepwise), rtol=1e-5, atol=1e-5)
+
+
+def test_padding_changes_no_logprob_score_or_loss(model, tok):
+    pairs = _pairs(tok, 2)
+    short = Pair(pairs[0].prompt, pairs[0].chosen, pairs[0].rejected)
+    long = Pair(pairs[1].prompt + (5, 6, 7, 8), pairs[1].chosen + (9, 9, 9), pairs[1].rejected)
+    alone = sequence_logprobs(model, [short])
+    padded = sequence_logprobs(model, [short, long])  # short is padded to long's length
+    torch.testing.assert_close(padded[0][:1], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[1][:1], alone[1], rtol=1e-5, atol=1e-5)
+    rm = RewardModel(model).eval()
+    one = pack([short.prompt], [short.chosen])
+    two = pack([short.prompt, long.prompt], [short.chosen, long.chosen])
+    torch.testing.assert_close(rm.score(two)[:1], rm.score(one), rtol=1e-5, atol=1e-5)
+
+
+def test_gae_equals_a_hand_computation():
+    rewards = torch.tensor([[0.0, 0.5, -0.1, 1.0, 0.0]])
+    values = torch.tensor([[9.0, 0.2, 0.4, 0.3, 9.0]])  # 9.0 sits outside the response: ignored
+    mask = torch.tensor([[False, True, True, True, False]])
+    gamma, lam = 0.9, 0.8
+    r, v = [0.5, -0.1, 1.0], [0.2, 0.4, 0.3]
+    d2 = r[2] - v[2]
+    d1 = r[1] + gamma * v[2] - v[1]
+    d0 = r[0] + gamma * v[1] - v[0]
+    a2 = d2
+    a1 = d1 + gamma * lam * a2
+    a0 = d0 + gamma * lam * a1
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, a0, a1, a2, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.0, a0 + v[0], a1 + v[1], a2 + v[2], 0.0]]))
+
+
+def test_losses_and_advantages_by_hand():
+    c, r = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    assert bradley_terry_loss(c, r).item() == pytest.approx(
+        (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2, rel=1e-6)
+    losses, rc, rr = dpo_loss(torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]),
+                              torch.tensor([-4.0]), beta=0.1)
+    assert rc.item() == pytest.approx(0.1) and rr.item() == pytest.approx(-0.1)
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-0.2)), rel=1e-6)
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    adv = group_advantages(rewards)
+    assert torch.equal(adv[1], torch.zeros(4))  # a group that all agrees teaches nothing
+    torch.testing.assert_close(adv[0], (rewards[0] - 0.5) / (rewards[0].std() + 1e-4))
+    loo = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 2.0]]), "rloo")
+    torch.testing.assert_close(loo[0], torch.tensor([1 - 2 / 3, 0 - 1.0, 0 - 1.0, 2 - 1 / 3]))
+
+
+def test_reward_model_saves_loads_and_refuses_a_damaged_file(model, tmp_path):
+    rm = RewardModel(model)
+    with torch.no_grad():
+        rm.shift.fill_(0.5), rm.scale.fill_(2.0)
+    path = save_reward_model(rm, tmp_path / "rm.safetensors")
+    batch = pack([[1, 2, 3]], [[4, 5]])
+    torch.testing.assert_close(load_reward_model(path).score(batch), rm.eval().score(batch))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="rm.safetensors"):
+        load_reward_model(path)
+
+
+def _changed(before, module):
+    return [n for n, p in module.named_parameters() if p.requires_grad and torch.equal(before[n], p.detach())]
+
+
+def test_every_trainable_parameter_changes_after_one_step(model, tok):
+    pairs = _pairs(tok, 8)
+    convs = arithmetic(8, max_operand=20)
+
+    def snapshot(m):
+        return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+    rm = RewardModel(model)
+    before = snapshot(rm)
+    train_reward_model(rm, pairs, steps=1, batch_size=8, warmup_steps=0)
+    assert _changed(before, rm) == []
+
+    policy = copy.deepcopy(model)
+    before = snapshot(policy)
+    dpo(policy, model, pairs, DPOConfig(steps=1, batch_size=8, warmup_steps=0, rpo_alpha=1.0))
+    assert _changed(before, policy) == []
+
+    # GRPO with a reward that depends on the answer's length, so every group has a spread.
+    policy = copy.deepcopy(model)
+    before = snapshot(policy)
+    _, hist = grpo(policy, model, tok, convs, lambda c, text: float(len(text)),
+                   GRPOConfig(steps=1, prompts_per_step=4, num_generations=4, max_completion_length=4))
+    assert hist[0]["frac_reward_zero_std"] < 1 and _changed(before, policy) == []
+
+    policy = copy.deepcopy(model)
+    before, critic_init = snapshot(policy), RewardModel(model)
+    _, hist = ppo(policy, model, critic_init, tok, convs,
+                  PPOConfig(steps=1, batch_size=8, num_mini_batches=2, num_ppo_epochs=1, response_length=4))
+    assert _changed(before, policy) == []
+    assert hist[0]["policy/first_ratio"] == 1.0  # the first minibatch is the policy that sampled
+
+
+# --- outcomes at ci size ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ci():
+    return minigpt.profile("ci")
+
+
+@pytest.fixture(scope="module")
+def reward_stage(ci, tmp_path_factory):
+    from minigpt.rlhf.run import run_reward
+
+    return run_reward(ci, tmp_path_factory.mktemp("reward"))
+
+
+def test_ci_reward_model_learns_the_rule(reward_stage):
+    assert reward_stage.summary["pair_accuracy"] > 0.95
+    assert reward_stage.summary["test_pairs"] >= 50
+
+
+def test_ci_ppo_raises_the_true_reward_on_a_leash(ci, reward_stage, tmp_path):
+    from minigpt.rlhf.run import run_ppo
+
+    s = run_ppo(ci, tmp_path, reward_stage.model).summary
+    assert s["true_reward_after"] - s["true_reward_before"] >= 0.3
+    assert s["kl"] < 5
+    # The rule ignores whether the sum is right, and so does the policy that learned it.
+    assert s["exact_match"] < s["exact_match_before"]
+
+
+def test_ci_dpo_pitfall_and_its_fix(ci, tmp_path):
+    from minigpt.rlhf.run import run_dpo
+
+    plain = run_dpo(ci, tmp_path / "plain", rpo_alpha=None)
+    assert plain.history[-1]["rewards/accuracies"] >= 0.8  # pairs are won on the training set...
+    assert plain.summary["exact_match"] < plain.summary["exact_match_before"] - 0.2  # ...while answers get worse
+    rpo = run_dpo(ci, tmp_path / "rpo").summary  # the profile's default: rpo_alpha=1
+    assert rpo["exact_match"] >= rpo["exact_match_before"]
+    assert rpo["pair_accuracy"] >= 0.85
+
+
+def test_ci_grpo_raises_exact_match(ci, tmp_path):
+    from minigpt.rlhf.run import run_grpo
+
+    s = run_grpo(ci, tmp_path).summary
+    assert s["exact_match"] - s["exact_match_before"] >= 0.15
+    assert s["kl"] < 1
+
+
+def test_rewards_of_the_tasks():
+    q = Conversation.single("What is 2 + 2?", "4")
+    assert correct(q, " 4 ") == 1.0 and correct(q, "5") == 0.0
+    assert even_digits(q, "48") == 1.0 and even_digits(q, "41") == 0.5 and even_digits(q, "no digits") == 0.0
