@@ -34,7 +34,7 @@ from minigpt.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.data import cache_dir
 from minigpt.model import GPT
 from minigpt.profiles import Profile
-from minigpt.rlhf.core import pack, prompt_ids, sample_responses, sequence_kl
+from minigpt.rlhf.core import RewardFn, pack, prompt_ids, response_text, sample_responses, sequence_kl
 from minigpt.rlhf.dpo import DPOConfig, dpo, implicit_accuracy
 from minigpt.rlhf.grpo import GRPOConfig, grpo
 from minigpt.rlhf.ppo import PPOConfig, ppo
@@ -170,14 +170,14 @@ def _before_after(profile: Profile, policy: GPT, reference: GPT, tok: BPETokeniz
             "kl": sequence_kl(policy, reference, prompt_ids(test, tok), tok, max_new_tokens=s.max_new_tokens)}
 
 
-def true_reward(policy: GPT, tok: BPETokenizer, problems: list[Conversation], *, max_new_tokens: int,
-                temperature: float, seed: int = 3) -> float:
-    """The rule's mean reward of the policy's sampled answers (what the reward model stands in for)."""
-    from minigpt.rlhf.core import response_text
-
-    responses = sample_responses(policy, prompt_ids(problems, tok), tok, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, generator=torch.Generator().manual_seed(seed))
-    return sum(even_digits(c, response_text(tok, r)) for c, r in zip(problems, responses)) / len(problems)
+def mean_reward(policy: GPT, tok: BPETokenizer, problems: list[Conversation], reward: RewardFn, *,
+                max_new_tokens: int, temperature: float, samples: int = 1, seed: int = 3) -> float:
+    """The mean ``reward`` of ``samples`` sampled answers per problem: the rule a reward model
+    stands in for (PPO), or sampled accuracy with :func:`~minigpt.tasks.correct` (GRPO)."""
+    prompts = [p for p in prompt_ids(problems, tok) for _ in range(samples)]
+    responses = sample_responses(policy, prompts, tok, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 generator=torch.Generator(device=policy.transformer.wte.weight.device).manual_seed(seed))
+    return sum(reward(problems[i // samples], response_text(tok, r)) for i, r in enumerate(responses)) / len(responses)
 
 
 def run_ppo(profile: Profile, out_dir: str | os.PathLike, reward_model: RewardModel | str | os.PathLike,
@@ -193,11 +193,11 @@ def run_ppo(profile: Profile, out_dir: str | os.PathLike, reward_model: RewardMo
     reference, tok = start_policy(profile)
     policy = copy.deepcopy(reference)
     test = problems(profile, "test", s.n_test)
-    before = true_reward(policy, tok, test, max_new_tokens=s.max_new_tokens, temperature=cfg.temperature)
+    before = mean_reward(policy, tok, test, even_digits, max_new_tokens=s.max_new_tokens, temperature=cfg.temperature)
     em_before = exact_match(policy, tok, test)
     policy, history = ppo(policy, reference, rm, tok, problems(profile, "train"), cfg, true_reward=even_digits)
     summary = {"true_reward_before": before,
-               "true_reward_after": true_reward(policy, tok, test, max_new_tokens=s.max_new_tokens,
+               "true_reward_after": mean_reward(policy, tok, test, even_digits, max_new_tokens=s.max_new_tokens,
                                                 temperature=cfg.temperature),
                "exact_match_before": em_before, **_before_after(profile, policy, reference, tok)}
     _write(Path(out_dir), policy, tok, "ppo", history, summary, profile)
@@ -229,9 +229,16 @@ def run_grpo(profile: Profile, out_dir: str | os.PathLike, **overrides: Any) -> 
     cfg = dataclasses.replace(s.grpo, **overrides)
     reference, tok = start_policy(profile)
     policy = copy.deepcopy(reference)
-    em_before = exact_match(policy, tok, problems(profile, "test", s.n_test))
+    test = problems(profile, "test", s.n_test)
+
+    def sampled(m: GPT) -> float:  # accuracy of answers sampled at the training temperature, 4 per problem
+        return mean_reward(m, tok, test, correct, max_new_tokens=s.max_new_tokens, temperature=cfg.temperature,
+                           samples=4)
+
+    em_before, sampled_before = exact_match(policy, tok, test), sampled(policy)
     policy, history = grpo(policy, reference, tok, problems(profile, "train"), correct, cfg)
-    summary = {"exact_match_before": em_before, **_before_after(profile, policy, reference, tok)}
+    summary = {"exact_match_before": em_before, "sampled_accuracy_before": sampled_before,
+               "sampled_accuracy": sampled(policy), **_before_after(profile, policy, reference, tok)}
     _write(Path(out_dir), policy, tok, "grpo", history, summary, profile)
     return Stage(policy, history, summary)
 
