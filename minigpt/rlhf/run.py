@@ -97,10 +97,10 @@ def problems(profile: Profile, split: str, n: int | None = None) -> list[Convers
     at ``ci``, whose one-digit task holds out only 17 problems: there every problem is evaluated
     (RL trains on the train split all the same)."""
     max_operand = sft_settings(profile).max_operand
-    problems = arithmetic(None, split=split, max_operand=max_operand)
+    found = arithmetic(None, split=split, max_operand=max_operand)
     if split == "test" and profile.name == "ci":
-        problems += arithmetic(None, split="train", max_operand=max_operand)
-    return problems if n is None or n >= len(problems) else random.Random(0).sample(problems, n)
+        found += arithmetic(None, split="train", max_operand=max_operand)
+    return found if n is None or n >= len(found) else random.Random(0).sample(found, n)
 
 
 def start_policy(profile: Profile) -> tuple[GPT, BPETokenizer]:
