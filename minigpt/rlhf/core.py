@@ -30,7 +30,6 @@ __all__ = [
     "Packed",
     "Stepper",
     "end_token",
-    "entropy",
     "finished",
     "masked_mean",
     "pack",
@@ -110,27 +109,16 @@ def token_logprobs(model: GPT, ids: torch.Tensor, temperature: float = 1.0) -> t
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
-def entropy(model: GPT, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy (nats) of the next-token distribution at every target position, (B, T - 1)."""
-    with torch.no_grad():
-        logits, _ = model(ids)
-    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over the True entries of ``mask``."""
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """``x`` scaled to unit variance (and zero mean) over ``mask``; zero outside it."""
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` shifted to zero mean and scaled to unit variance over ``mask``; zero outside it."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def sample_responses(model: GPT, prompts: Sequence[Sequence[int]], tokenizer: BPETokenizer, *,

@@ -62,10 +62,10 @@ def sequence_logprobs(model: GPT, pairs: Sequence[Pair]) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def _reference(reference: GPT, pairs: Sequence[Pair], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def _summed(model: GPT, pairs: Sequence[Pair], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
-        c, r, _ = sequence_logprobs(reference, pairs[start:start + batch_size])
+        c, r, _ = sequence_logprobs(model, pairs[start:start + batch_size])
         chosen.append(c), rejected.append(r)
     return torch.cat(chosen), torch.cat(rejected)
 
@@ -75,8 +75,8 @@ def implicit_accuracy(policy: GPT, reference: GPT, pairs: Sequence[Pair], batch_
     """Fraction of ``pairs`` whose chosen answer has the larger implicit reward (held-out pair accuracy)."""
     was = policy.training
     policy.eval(), reference.eval()
-    ref_c, ref_r = _reference(reference, pairs, batch_size)
-    pol_c, pol_r = _reference(policy, pairs, batch_size)
+    ref_c, ref_r = _summed(reference, pairs, batch_size)
+    pol_c, pol_r = _summed(policy, pairs, batch_size)
     policy.train(was)
     return float(((pol_c - ref_c) > (pol_r - ref_r)).float().mean())
 
@@ -90,7 +90,7 @@ def dpo(policy: GPT, reference: GPT, train: Sequence[Pair], cfg: DPOConfig, *,
         raise ValueError("DPO needs at least one preference pair")
     torch.manual_seed(cfg.seed)
     reference.eval()  # used under no_grad only
-    ref_c, ref_r = _reference(reference, train)
+    ref_c, ref_r = _summed(reference, train)
     policy.eval()  # dropout off: the implicit reward compares the same network with its reference
     stepper = Stepper(policy, learning_rate=cfg.learning_rate, max_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                       grad_clip=cfg.grad_clip)

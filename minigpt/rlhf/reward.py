@@ -124,20 +124,25 @@ def _pack_pairs(pairs: Sequence[Pair], device: torch.device | str) -> Packed:
     return pack(prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], device=device)
 
 
+def _sample_groups(policy: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation], samples: int,
+                   max_new_tokens: int, temperature: float, seed: int) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Each conversation's prompt and ``samples`` responses of the policy to it."""
+    gen = torch.Generator(device=policy.transformer.wte.weight.device).manual_seed(seed)
+    prompts = prompt_ids(conversations, tokenizer)
+    responses = sample_responses(policy, [p for p in prompts for _ in range(samples)], tokenizer,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
+    return prompts, [responses[i * samples:(i + 1) * samples] for i in range(len(prompts))]
+
+
 def preference_pairs(policy: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation],
                      rule: RewardFn, *, samples: int = 4, max_new_tokens: int = 8, temperature: float = 1.0,
                      seed: int = 0) -> list[Pair]:
     """Label the policy's own answers with ``rule``, as labelers compare model samples: ``samples``
     responses per prompt, and the best- and worst-scored of them become a pair (prompts whose
     samples all tie give none)."""
-    gen = torch.Generator(device=policy.transformer.wte.weight.device).manual_seed(seed)
-    prompts = prompt_ids(conversations, tokenizer)
-    repeated = [p for p in prompts for _ in range(samples)]
-    responses = sample_responses(policy, repeated, tokenizer, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, generator=gen)
+    prompts, groups = _sample_groups(policy, tokenizer, conversations, samples, max_new_tokens, temperature, seed)
     pairs = []
-    for i, conv in enumerate(conversations):
-        group = responses[i * samples:(i + 1) * samples]
+    for i, (conv, group) in enumerate(zip(conversations, groups)):
         scored = sorted(((rule(conv, response_text(tokenizer, r)), j)
                          for j, r in enumerate(group)), reverse=True)
         (best, b), (worst, w) = scored[0], scored[-1]
@@ -150,17 +155,12 @@ def correction_pairs(policy: GPT, tokenizer: BPETokenizer, conversations: Sequen
                      samples: int = 4, max_new_tokens: int = 8, temperature: float = 1.0, seed: int = 0) -> list[Pair]:
     """Pairs for tasks with known answers: the right answer (chosen) against each distinct wrong
     answer among ``samples`` of the policy's (rejected) -- the mistakes this policy actually makes."""
-    gen = torch.Generator(device=policy.transformer.wte.weight.device).manual_seed(seed)
-    prompts = prompt_ids(conversations, tokenizer)
-    repeated = [p for p in prompts for _ in range(samples)]
-    responses = sample_responses(policy, repeated, tokenizer, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, generator=gen)
+    prompts, groups = _sample_groups(policy, tokenizer, conversations, samples, max_new_tokens, temperature, seed)
     end = end_token(tokenizer)
     pairs = []
-    for i, conv in enumerate(conversations):
+    for i, (conv, group) in enumerate(zip(conversations, groups)):
         right = (*tokenizer.encode(conv.answer), end)
-        wrong = {tuple(r) for r in responses[i * samples:(i + 1) * samples]
-                 if not correct(conv, response_text(tokenizer, r))}
+        wrong = {tuple(r) for r in group if not correct(conv, response_text(tokenizer, r))}
         pairs += [Pair(tuple(prompts[i]), right, w) for w in sorted(wrong)]
     return pairs
 

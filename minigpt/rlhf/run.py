@@ -141,13 +141,13 @@ def run_reward(profile: Profile, out_dir: str | os.PathLike) -> Stage:
     """Train the reward model on the rule's preferences between the start policy's own answers."""
     s = rlhf_settings(profile)
     policy, tok = start_policy(profile)
+    test = problems(profile, "test", s.n_test)
     pairs = preference_pairs(policy, tok, problems(profile, "train", s.pair_prompts), even_digits,
                              samples=s.pair_samples, max_new_tokens=s.max_new_tokens)
-    test_pairs = preference_pairs(policy, tok, problems(profile, "test", s.n_test), even_digits,
+    test_pairs = preference_pairs(policy, tok, test, even_digits,
                                   samples=s.pair_samples, max_new_tokens=s.max_new_tokens, seed=1)
     rm, history = train_reward_model(policy, pairs, steps=s.reward_steps, learning_rate=s.reward_learning_rate)
     accuracy, margin = pair_accuracy(rm, test_pairs)
-    test = problems(profile, "test", s.n_test)
     prompts = prompt_ids(test, tok)
     responses = sample_responses(policy, prompts, tok, max_new_tokens=s.max_new_tokens,
                                  generator=torch.Generator(device=profile.device).manual_seed(2))
@@ -163,11 +163,20 @@ def run_reward(profile: Profile, out_dir: str | os.PathLike) -> Stage:
     return Stage(rm, history, summary)
 
 
-def _before_after(profile: Profile, policy: GPT, reference: GPT, tok: BPETokenizer) -> dict[str, float]:
-    s = rlhf_settings(profile)
-    test = problems(profile, "test", s.n_test)
+def _start(profile: Profile) -> tuple[GPT, GPT, BPETokenizer, list[Conversation], float]:
+    """What every RL stage begins with: the start policy (the frozen reference), a copy to train,
+    the tokenizer, the held-out problems and the start policy's exact match on them."""
+    reference, tok = start_policy(profile)
+    test = problems(profile, "test", rlhf_settings(profile).n_test)
+    return reference, copy.deepcopy(reference), tok, test, exact_match(reference, tok, test)
+
+
+def _after(profile: Profile, policy: GPT, reference: GPT, tok: BPETokenizer,
+           test: list[Conversation]) -> dict[str, float]:
+    """The trained policy's exact match on ``test`` and its KL to the reference."""
     return {"exact_match": exact_match(policy, tok, test),
-            "kl": sequence_kl(policy, reference, prompt_ids(test, tok), tok, max_new_tokens=s.max_new_tokens)}
+            "kl": sequence_kl(policy, reference, prompt_ids(test, tok), tok,
+                              max_new_tokens=rlhf_settings(profile).max_new_tokens)}
 
 
 def mean_reward(policy: GPT, tok: BPETokenizer, problems: list[Conversation], reward: RewardFn, *,
@@ -190,16 +199,13 @@ def run_ppo(profile: Profile, out_dir: str | os.PathLike, reward_model: RewardMo
                                 f"`minigpt rlhf reward --profile {profile.name}` (or pass --reward PATH)")
     rm = reward_model if isinstance(reward_model, RewardModel) else load_reward_model(reward_model)
     rm = rm.to(profile.device)
-    reference, tok = start_policy(profile)
-    policy = copy.deepcopy(reference)
-    test = problems(profile, "test", s.n_test)
+    reference, policy, tok, test, em_before = _start(profile)
     before = mean_reward(policy, tok, test, even_digits, max_new_tokens=s.max_new_tokens, temperature=cfg.temperature)
-    em_before = exact_match(policy, tok, test)
     policy, history = ppo(policy, reference, rm, tok, problems(profile, "train"), cfg, true_reward=even_digits)
     summary = {"true_reward_before": before,
                "true_reward_after": mean_reward(policy, tok, test, even_digits, max_new_tokens=s.max_new_tokens,
                                                 temperature=cfg.temperature),
-               "exact_match_before": em_before, **_before_after(profile, policy, reference, tok)}
+               "exact_match_before": em_before, **_after(profile, policy, reference, tok, test)}
     _write(Path(out_dir), policy, tok, "ppo", history, summary, profile)
     return Stage(policy, history, summary)
 
@@ -208,17 +214,15 @@ def run_dpo(profile: Profile, out_dir: str | os.PathLike, **overrides: Any) -> S
     """DPO on pairs of the right answer (chosen) and wrong answers sampled from the start policy."""
     s = rlhf_settings(profile)
     cfg = dataclasses.replace(s.dpo, **overrides)
-    reference, tok = start_policy(profile)
-    policy = copy.deepcopy(reference)
+    reference, policy, tok, test, em_before = _start(profile)
     pairs = correction_pairs(reference, tok, problems(profile, "train", s.pair_prompts),
                              samples=s.pair_samples, max_new_tokens=s.max_new_tokens)
-    test_pairs = correction_pairs(reference, tok, problems(profile, "test", s.n_test),
-                                  samples=s.pair_samples, max_new_tokens=s.max_new_tokens, seed=1)
-    em_before = exact_match(policy, tok, problems(profile, "test", s.n_test))
+    test_pairs = correction_pairs(reference, tok, test, samples=s.pair_samples, max_new_tokens=s.max_new_tokens,
+                                  seed=1)
     policy, history = dpo(policy, reference, pairs, cfg)
     summary = {"train_pairs": len(pairs), "test_pairs": len(test_pairs), "exact_match_before": em_before,
                "pair_accuracy": implicit_accuracy(policy, reference, test_pairs), "rpo_alpha": cfg.rpo_alpha,
-               **_before_after(profile, policy, reference, tok)}
+               **_after(profile, policy, reference, tok, test)}
     _write(Path(out_dir), policy, tok, "dpo", history, summary, profile)
     return Stage(policy, history, summary)
 
@@ -227,18 +231,16 @@ def run_grpo(profile: Profile, out_dir: str | os.PathLike, **overrides: Any) -> 
     """GRPO (or RLOO: ``advantage="rloo"``) with the verifiable reward: is the answer right?"""
     s = rlhf_settings(profile)
     cfg = dataclasses.replace(s.grpo, **overrides)
-    reference, tok = start_policy(profile)
-    policy = copy.deepcopy(reference)
-    test = problems(profile, "test", s.n_test)
+    reference, policy, tok, test, em_before = _start(profile)
 
     def sampled(m: GPT) -> float:  # accuracy of answers sampled at the training temperature, 4 per problem
         return mean_reward(m, tok, test, correct, max_new_tokens=s.max_new_tokens, temperature=cfg.temperature,
                            samples=4)
 
-    em_before, sampled_before = exact_match(policy, tok, test), sampled(policy)
+    sampled_before = sampled(policy)
     policy, history = grpo(policy, reference, tok, problems(profile, "train"), correct, cfg)
     summary = {"exact_match_before": em_before, "sampled_accuracy_before": sampled_before,
-               "sampled_accuracy": sampled(policy), **_before_after(profile, policy, reference, tok)}
+               "sampled_accuracy": sampled(policy), **_after(profile, policy, reference, tok, test)}
     _write(Path(out_dir), policy, tok, "grpo", history, summary, profile)
     return Stage(policy, history, summary)
 
