@@ -234,6 +234,7 @@ class ChatSession:
         self.generator = None if seed is None else torch.Generator(
             device=next(model.parameters()).device).manual_seed(seed)
         self.messages: list[Message] = []
+        #: How many old exchanges were dropped so far to fit the context.
         self.dropped_turns = 0
         self.reset()
 

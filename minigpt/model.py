@@ -72,7 +72,7 @@ class GPTConfig:
 
     @classmethod
     def from_profile(cls, profile: Profile, vocab_size: int, **overrides: Any) -> GPTConfig:
-        """The model sizes of a :func:`minigpt.profile` with a tokenizer's vocabulary size."""
+        """The model sizes of a :class:`~minigpt.profiles.Profile` with a tokenizer's vocabulary size."""
         sizes = dict(block_size=profile.block_size, n_layer=profile.n_layer,
                      n_head=profile.n_head, n_embd=profile.n_embd)
         return cls(vocab_size=vocab_size, **{**sizes, **overrides})
@@ -257,11 +257,11 @@ class GPT(nn.Module):
                 return_attention: bool = False) -> tuple[Any, ...]:
         """Next-token logits for every position of ``idx`` (B, T).
 
-        targets: (B, T) next tokens; positions set to -100 are left out of the mean loss.
-        kv_cache: keys/values of earlier positions; ``idx`` continues at ``kv_cache.length``.
-        last_only: compute logits for the last position only, (B, 1, V): all that sampling needs.
-        return_attention: also return a list with each layer's (B, H, T, T_key) attention
-            probabilities (this call then runs the naive attention path).
+        * ``targets``: (B, T) next tokens; positions set to -100 are left out of the mean loss.
+        * ``kv_cache``: keys/values of earlier positions; ``idx`` continues at ``kv_cache.length``.
+        * ``last_only``: compute logits for the last position only, (B, 1, V): all that sampling needs.
+        * ``return_attention``: also return a list with each layer's (B, H, T, T_key) attention
+          probabilities (this call then runs the naive attention path).
 
         Returns ``(logits, loss)``, or ``(logits, loss, attentions)`` with ``return_attention``;
         ``loss`` is None without targets.

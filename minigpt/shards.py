@@ -171,9 +171,11 @@ class ShardLoader:
         return x, y
 
     def state_dict(self) -> dict[str, int]:
+        """The loader's position, for a checkpoint."""
         return {"shard": self.shard, "offset": self.offset, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a position :meth:`state_dict` saved (with the same number of processes)."""
         if state["world_size"] != self.world_size:
             raise ValueError(
                 f"loader state is for {state['world_size']} processes, but this run has "

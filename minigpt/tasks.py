@@ -41,6 +41,7 @@ from minigpt.tokenizer import BPETokenizer
 __all__ = [
     "HELD_OUT",
     "ONLINE",
+    "OnlineSet",
     "SPLITS",
     "TASKS",
     "alpaca_conversation",
@@ -60,8 +61,10 @@ __all__ = [
     "world_qa",
 ]
 
+#: The splits of every task.
 SPLITS = ("train", "test")
-HELD_OUT = 0.1  # fraction of keys in the "test" split
+#: The fraction of examples, hashed by key (see :func:`split_of`), in the "test" split.
+HELD_OUT = 0.1
 
 
 def split_of(key: str) -> str:
@@ -200,6 +203,7 @@ def string_tasks(n: int, *, split: str = "train", seed: int = 0) -> list[Convers
     return _sample(make, n, split, seed)
 
 
+#: The offline tasks by name, each ``f(n, split=..., seed=...)`` -> conversations.
 TASKS: dict[str, Callable[..., list[Conversation]]] = {
     "arithmetic": arithmetic,
     "world": world_qa,
@@ -247,11 +251,14 @@ def smoltalk_conversation(row: Mapping[str, Any]) -> Conversation:
 
 @dataclass(frozen=True)
 class OnlineSet:
+    """An instruction set on the Hub: its id, its config and how one row becomes a conversation."""
+
     hub_id: str
     config: str | None
     to_conversation: Callable[[Mapping[str, Any]], Conversation]
 
 
+#: Hub instruction sets that :func:`load_chat_data` maps onto conversations.
 ONLINE: dict[str, OnlineSet] = {
     "alpaca": OnlineSet("yahma/alpaca-cleaned", None, alpaca_conversation),
     "smoltalk": OnlineSet("HuggingFaceTB/smoltalk", "all", smoltalk_conversation),

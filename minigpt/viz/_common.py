@@ -20,6 +20,8 @@ _VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\\r"}
 
 
 class TextTokenizer(Protocol):
+    """What the widgets need of a tokenizer: every tokenizer of :mod:`minigpt.tokenizer` has it."""
+
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
 
