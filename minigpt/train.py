@@ -79,11 +79,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (not biases or LayerNorm gains)."""
+    """AdamW with weight decay on matrices and embeddings only: not on biases or LayerNorm gains,
+    nor on what a module lists in a ``no_decay_parameters()`` method (LoRA's adapters)."""
+    exempt = {id(p) for m in model.modules() if hasattr(m, "no_decay_parameters") for p in m.no_decay_parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p.dim() >= 2 and id(p) not in exempt for p in params]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p, d in zip(params, decay) if d], "weight_decay": cfg.weight_decay},
+        {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device_type == "cuda")
@@ -139,6 +142,7 @@ class Trainer:
             wrapped = DDP(wrapped, device_ids=[ddp.local_rank] if self.device_type == "cuda" else None)
         self.model = wrapped
         self.step = 0
+        #: One record per logged step (loss, lr, grad_norm, tokens_per_s; val_loss, sample at evaluations).
         self.history: list[dict[str, Any]] = []
 
     # -- one step -------------------------------------------------------------------------

@@ -285,3 +285,21 @@ def test_token_rows_and_train_also_refuse_what_they_cannot_do():
     untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
     with pytest.raises(ValueError, match="tied to its output head"):
         apply_lora(untied, token_rows=ROWS)
+
+
+def test_adapters_are_not_decayed_but_token_rows_and_plain_weights_are():
+    from minigpt.train import make_optimizer
+
+    model = apply_lora(_model(), r=2, alpha=4.0, token_rows=[1, 2], train_also=("ln_f",))
+    groups = make_optimizer(model, TrainConfig(weight_decay=0.1), "cpu").param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    adapters = [n for n in names.values() if n.endswith(("lora_A", "lora_B"))]
+    assert adapters and not any(id(p) in decayed for n, p in model.named_parameters() if n in adapters)
+    assert sorted(names[i] for i in decayed) == ["transformer.wte.delta"]  # decays towards the pretrained rows
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    plain = GPT(CONFIG)  # without adapters every matrix decays, as before
+    decayed = {id(p) for g in make_optimizer(plain, TrainConfig(), "cpu").param_groups if g["weight_decay"] > 0
+               for p in g["params"]}
+    assert {n for n, p in plain.named_parameters() if id(p) in decayed} == \
+        {n for n, p in plain.named_parameters() if p.dim() >= 2}

@@ -52,7 +52,7 @@ from minigpt.tasks import arithmetic, correct, even_digits, exact_match
 from minigpt.tokenizer import BPETokenizer
 
 __all__ = ["RLHF_SETTINGS", "RLHFSettings", "Stage", "problems", "run_dpo", "run_grpo", "run_ppo", "run_reward",
-           "rlhf_settings", "start_policy"]
+           "rlhf_settings", "start_policy", "start_policy_dir"]
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,18 @@ def problems(profile: Profile, split: str, n: int | None = None) -> list[Convers
     return found if n is None or n >= len(found) else random.Random(0).sample(found, n)
 
 
+def start_policy_dir(profile: Profile) -> Path:
+    """Where :func:`start_policy` keeps its SFT run: named by a hash of what shapes that model
+    (the profile, ``sft_steps`` and the full fine-tuning settings; LoRA's do not)."""
+    full_sft = {k: v for k, v in dataclasses.asdict(sft_settings(profile)).items() if not k.startswith("lora_")}
+    key = json.dumps([profile.name, rlhf_settings(profile).sft_steps, full_sft], sort_keys=True)
+    return cache_dir() / "rlhf-start" / f"{profile.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 def start_policy(profile: Profile) -> tuple[GPT, BPETokenizer]:
     """The policy every stage starts from (see module docstring), trained on first use and cached."""
     steps = rlhf_settings(profile).sft_steps
-    key = json.dumps([profile.name, steps, dataclasses.asdict(sft_settings(profile))], sort_keys=True)
-    out = cache_dir() / "rlhf-start" / f"{profile.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    out = start_policy_dir(profile)
     ckpt = out / "checkpoint.safetensors"
     if not (ckpt.exists() and load_checkpoint(ckpt)[1]["step"] >= steps):
         sft(profile, None, out, max_steps=steps, progress=False)
