@@ -145,3 +145,13 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     assert not torch.equal(r0["first_batch"], r1["first_batch"])  # each rank reads its own slice
     torch.manual_seed(0)
     assert not torch.equal(r0["params"], torch.cat([p.flatten() for p in GPT(CONFIG).parameters()]))
+
+
+def test_checkpoints_get_the_mode_of_any_new_file(tmp_path):
+    """safetensors alone writes 0o600; a checkpoint is shared like any other file."""
+    from minigpt.checkpoint import write_safetensors
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    path = write_safetensors(tmp_path / "a.safetensors", {"a": torch.zeros(2)}, {})
+    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
