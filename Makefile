@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PYTHON) -m pip install --quiet -e '.[data,book,dev]'
+	$(PYTHON) -m pip install --quiet -e '.[data,vision,book,dev]'
 	touch $(STAMP)
 
 # Unit, parity and outcome tests, and the book built at `ci` (which executes every chapter and

@@ -6,6 +6,11 @@ LayerNorm and an output head that shares its weight with the token embedding. Pa
 mirror Hugging Face's (``transformer.h.0.attn.c_attn`` ...) so converting a checkpoint is a
 rename-free transpose.
 
+Four switches of :class:`GPTConfig` turn the block into a Llama-style one, one piece at a time
+(chapter 9): ``norm="rmsnorm"``, ``mlp="swiglu"``, ``position="rope"`` and ``n_kv_head`` for
+grouped-query attention. Their defaults are GPT-2's, so a default model, its parameter names and
+its checkpoints are exactly what they were before the switches existed.
+
 The key/value cache used for fast generation lives here too (:class:`KVCache`): the attention
 module is its only reader and writer, so its tensor layout is an attention detail, while
 :mod:`minigpt.generate` only decides how big to make it.
@@ -25,6 +30,12 @@ from minigpt.data import require_hub
 from minigpt.profiles import Profile
 
 AttnImpl = Literal["sdpa", "naive"]
+Norm = Literal["layernorm", "rmsnorm"]
+MLPKind = Literal["gelu", "swiglu"]
+Position = Literal["learned", "rope"]
+NORM_EPS = 1e-5  # GPT-2's LayerNorm epsilon; Llama 2 uses the same for its RMSNorm
+#: SwiGLU's hidden width is rounded to a multiple of this.
+SWIGLU_MULTIPLE = 8
 
 # name -> (n_layer, n_head, n_embd) of the four released GPT-2 models.
 GPT2_SIZES: dict[str, tuple[int, int, int]] = {
@@ -49,6 +60,12 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     attn_impl: AttnImpl = "sdpa"
+    # The modern-block switches (chapter 9); each default is GPT-2's.
+    norm: Norm = "layernorm"  # "rmsnorm": scale by the root mean square, no centring, no bias
+    mlp: MLPKind = "gelu"  # "swiglu": a gated MLP, hidden width 2/3 of 4 * n_embd (see mlp_hidden)
+    position: Position = "learned"  # "rope": rotate queries and keys instead of adding wpe
+    n_kv_head: int | None = None  # grouped-query attention: heads of keys/values; None = n_head
+    rope_theta: float = 10000.0  # RoPE's base: the slowest pair turns once per ~theta positions
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -65,10 +82,46 @@ class GPTConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.attn_impl not in ("sdpa", "naive"):
             raise ValueError(f"attn_impl={self.attn_impl!r} must be 'sdpa' or 'naive'")
+        for name, choices in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
+                              ("position", ("learned", "rope"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {', '.join(map(repr, choices))}")
+        if self.n_kv_head is not None:
+            ok = [g for g in range(1, self.n_head + 1) if self.n_head % g == 0]
+            if (not isinstance(self.n_kv_head, int) or isinstance(self.n_kv_head, bool)
+                    or self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
+                raise ValueError(f"n_kv_head={self.n_kv_head!r} must divide n_head={self.n_head} (each group of "
+                                 f"query heads shares one key/value head); choose one of {ok}, or None for n_head")
+        if self.position == "rope":
+            if self.head_dim % 2:
+                raise ValueError(f"RoPE rotates pairs of features, but head_dim = n_embd / n_head = {self.head_dim} "
+                                 "is odd; pick n_embd and n_head with an even quotient")
+            if not self.rope_theta > 1:
+                raise ValueError(f"rope_theta={self.rope_theta} must be > 1 (10000 is the usual base)")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or ``n_head`` when it is None (no grouping)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: GPT-2's 4 * n_embd, or for SwiGLU (three matrices instead of
+        two) 2/3 of that rounded to a multiple of :data:`SWIGLU_MULTIPLE`, which keeps the MLP's
+        parameters (and FLOPs) within a few percent of GPT-2's, as in the PaLM and Llama papers."""
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return max(SWIGLU_MULTIPLE, SWIGLU_MULTIPLE * round(2 * 4 * self.n_embd / 3 / SWIGLU_MULTIPLE))
+
+    @property
+    def is_gpt2(self) -> bool:
+        """True for GPT-2's own block (every switch at its default): what GPT-2 weights fit."""
+        return (self.norm == "layernorm" and self.mlp == "gelu" and self.position == "learned"
+                and self.kv_heads == self.n_head)
 
     @classmethod
     def from_profile(cls, profile: Profile, vocab_size: int, **overrides: Any) -> GPTConfig:
@@ -98,7 +151,8 @@ class GPTConfig:
 
 class KVCache:
     """Preallocated keys and values of every layer: ``k``/``v`` have shape
-    (n_layer, batch, n_head, max_len, head_dim).
+    (n_layer, batch, n_kv_head, max_len, head_dim); with grouped-query attention that is
+    ``n_head / n_kv_head`` times smaller than one entry per query head.
 
     ``length`` counts the positions already written; it is also the position offset of the next
     tokens fed to the model. Preallocating (instead of ``torch.cat`` each step) keeps memory
@@ -136,17 +190,45 @@ def causal_mask(t_query: int, t_key: int, device: torch.device | None = None) ->
     return torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril(diagonal=t_key - t_query)
 
 
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (T, head_dim / 2) in float32, of the RoPE angles ``p * theta^(-2i / head_dim)``
+    for every position p and feature pair i: pair 0 turns by one radian per position, the last
+    pair slowest. Computed on the fly (a few thousand numbers), so a cast of the model to bf16
+    never rounds them."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate feature pairs (x_i, x_{i + D/2}) of ``x`` (..., T, D) by the angles of
+    :func:`rope_cos_sin`: the half-split layout of GPT-NeoX and Hugging Face's Llama. A rotation
+    keeps each vector's norm, and the dot product of two rotated vectors depends only on how far
+    apart their positions are."""
+    x1, x2 = x.to(torch.float32).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; ``c_attn`` makes q, k, v in one matmul."""
+    """Multi-head causal self-attention; ``c_attn`` makes q, k, v in one matmul.
+
+    With ``n_kv_head < n_head`` (grouped-query attention) ``c_attn`` makes fewer key/value heads
+    and each is shared by ``n_head / n_kv_head`` consecutive query heads; with ``position="rope"``
+    queries and keys are rotated by their position before the scores (keys before they are cached).
+    """
 
     def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
+        self.head_dim = config.head_dim
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.attn_impl = config.attn_impl
+        self.rope_theta = config.rope_theta if config.position == "rope" else None
         self.layer_idx = layer_idx  # which slice of a shared KVCache is ours
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        kv_width = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -156,12 +238,20 @@ class CausalSelfAttention(nn.Module):
         """Return the attention output (B, T, C) and, if ``need_weights``, the attention
         probabilities (B, H, T, T_key) computed by the naive path."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        H, G, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([C, G * D, G * D], dim=2)
         # (B, T, C) -> (B, H, T, D): every head attends independently.
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k, v = (t.view(B, T, G, D).transpose(1, 2) for t in (k, v))
+        if self.rope_theta is not None:  # rotate by absolute position; the cache holds rotated keys
+            start = kv_cache.length if kv_cache is not None else 0
+            cos, sin = rope_cos_sin(torch.arange(start, start + T, device=x.device), D, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache dtype differs
+        if G != H:  # each key/value head serves H / G consecutive query heads
+            k, v = (t.repeat_interleave(H // G, dim=1) for t in (k, v))
         if need_weights or self.attn_impl == "naive":
             y, att = self._naive(q, k, v)
         else:
@@ -190,17 +280,37 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: widen 4x, GELU (GPT-2's tanh approximation), project back."""
+    """Position-wise feed-forward: widen 4x, GELU (GPT-2's tanh approximation), project back.
+
+    With ``mlp="swiglu"`` (Shazeer 2020; PaLM, Llama) ``c_fc`` makes two vectors of width
+    ``config.mlp_hidden``, a gate and a value, and the hidden state is ``silu(gate) * value``.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.mlp_hidden
+        self.swiglu = config.mlp == "swiglu"
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.act = nn.SiLU() if self.swiglu else nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, value = h.chunk(2, dim=-1)
+            h = self.act(gate) * value
+        else:
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """GPT-2's LayerNorm, or RMSNorm (Zhang and Sennrich 2019): ``x / rms(x) * weight``, no mean
+    subtracted and no bias, one reduction instead of two."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=NORM_EPS)
+    return nn.LayerNorm(config.n_embd, eps=NORM_EPS, bias=config.bias)
 
 
 class Block(nn.Module):
@@ -209,9 +319,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
@@ -223,18 +333,19 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2: ``forward(idx, targets)`` returns ``(logits, loss)``."""
+    """GPT-2: ``forward(idx, targets)`` returns ``(logits, loss)``. With ``position="rope"`` it
+    has no ``transformer.wpe``: positions enter through the rotation inside attention."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        modules: dict[str, nn.Module] = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.position == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(drop=nn.Dropout(config.dropout),
+                       h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                       ln_f=make_norm(config))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: reading a token and predicting it use the same vector (saves V*C params).
         self.lm_head.weight = self.transformer.wte.weight
@@ -254,7 +365,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, last_only: bool = False,
-                return_attention: bool = False) -> tuple[Any, ...]:
+                return_attention: bool = False, prefix: torch.Tensor | None = None) -> tuple[Any, ...]:
         """Next-token logits for every position of ``idx`` (B, T).
 
         * ``targets``: (B, T) next tokens; positions set to -100 are left out of the mean loss.
@@ -262,11 +373,16 @@ class GPT(nn.Module):
         * ``last_only``: compute logits for the last position only, (B, 1, V): all that sampling needs.
         * ``return_attention``: also return a list with each layer's (B, H, T, T_key) attention
           probabilities (this call then runs the naive attention path).
+        * ``prefix``: (B, P, n_embd) input vectors read before ``idx``, as if they were token
+          embeddings (image patches in chapter 11). They take the first P positions (and cache
+          entries) but get no logits: logits and ``targets`` cover ``idx`` only.
 
         Returns ``(logits, loss)``, or ``(logits, loss, attentions)`` with ``return_attention``;
         ``loss`` is None without targets.
         """
-        x, attentions = self._trunk(idx, kv_cache, return_attention)
+        x, attentions = self._trunk(idx, kv_cache, return_attention, prefix)
+        if prefix is not None:
+            x = x[:, prefix.size(1):]
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)
@@ -285,21 +401,30 @@ class GPT(nn.Module):
         and what a reward or value head reads instead (:mod:`minigpt.rlhf`)."""
         return self._trunk(idx, None, False)[0]
 
-    def _trunk(self, idx: torch.Tensor, kv_cache: KVCache | None,
-               return_attention: bool) -> tuple[torch.Tensor, list[Any]]:
-        B, T = idx.shape
+    def _trunk(self, idx: torch.Tensor, kv_cache: KVCache | None, return_attention: bool,
+               prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Any]]:
+        x = self.transformer.wte(idx)
+        if prefix is not None:
+            if prefix.dim() != 3 or prefix.size(0) != idx.size(0) or prefix.size(2) != self.config.n_embd:
+                raise ValueError(f"prefix must be (batch={idx.size(0)}, length, n_embd={self.config.n_embd}) "
+                                 f"vectors, got shape {tuple(prefix.shape)}")
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        B, T, _ = x.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             where = f"after {start} cached positions " if start else ""
+            what = f"(a prefix of {prefix.size(1)} included) " if prefix is not None else ""
             raise ValueError(
-                f"input of length {T} {where}exceeds the model's block_size={self.config.block_size}; "
+                f"input of length {T} {what}{where}exceeds the model's block_size={self.config.block_size}; "
                 f"crop the input to its last {self.config.block_size - start} tokens "
                 "(e.g. idx[:, -block_size:]) or build the model with a larger block_size"
             )
         if kv_cache is not None and kv_cache.length + T > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {start} used, {T} more given")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if "wpe" in self.transformer:  # learned positions; RoPE rotates inside attention instead
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         attentions = []
         for block in self.transformer.h:
             x, att = block(x, kv_cache, return_attention)
@@ -313,14 +438,14 @@ class GPT(nn.Module):
         """An empty cache for ``batch_size`` sequences of up to ``max_len`` (default block_size)."""
         c = self.config
         p = self.transformer.wte.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, min(max_len or c.block_size, c.block_size),
+        return KVCache(c.n_layer, batch_size, c.kv_heads, min(max_len or c.block_size, c.block_size),
                        c.head_dim, dtype=dtype or p.dtype, device=device or p.device)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count. ``non_embedding`` drops the position embedding, as nanoGPT reports;
         the token embedding stays because, tied, it is also the output layer's weight."""
         n = sum(p.numel() for p in self.parameters())  # tied weights are yielded once
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -339,6 +464,7 @@ class GPT(nn.Module):
     @classmethod
     def from_hf_state_dict(cls, state_dict: dict[str, torch.Tensor], config: GPTConfig) -> GPT:
         """Build a model from a ``GPT2LMHeadModel`` (or ``GPT2Model``) state dict."""
+        _require_gpt2_block(config)
         model = cls(config)
         ours = model.state_dict()
         converted = {}
@@ -366,6 +492,7 @@ class GPT(nn.Module):
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The inverse of :meth:`from_hf_state_dict`, loadable into ``GPT2LMHeadModel``
         (``strict=False``: it lacks the mask buffers, which the model rebuilds itself)."""
+        _require_gpt2_block(self.config)
         return {name: (p.t() if name.endswith(self._CONV1D) else p).detach().clone()
                 for name, p in self.state_dict().items()}
 
@@ -388,3 +515,12 @@ class GPT(nn.Module):
             hf = GPT2LMHeadModel.from_pretrained(name)
         config = GPTConfig.from_hf_config(hf.config, **overrides)
         return cls.from_hf_state_dict(hf.state_dict(), config)
+
+
+def _require_gpt2_block(config: GPTConfig) -> None:
+    """GPT-2's weights and layout exist only for GPT-2's block: say which switch is off."""
+    if not config.is_gpt2:
+        changed = {k: getattr(config, k) for k in ("norm", "mlp", "position", "n_kv_head")
+                   if getattr(config, k) != getattr(GPTConfig, k)}
+        raise ValueError(f"the GPT-2 layout needs GPT-2's block, but this config sets {changed}; "
+                         "use norm='layernorm', mlp='gelu', position='learned', n_kv_head=None")

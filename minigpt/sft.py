@@ -407,7 +407,7 @@ def sft(profile: Profile, base: Base, out_dir: str | os.PathLike, *,
         train: Sequence[Conversation] | None = None, test: Sequence[Conversation] | None = None,
         lora: bool | Mapping[str, Any] | None = None,
         too_long: TooLong = "error", resume: bool = True, progress: bool = True,
-        **train_overrides: Any) -> SFTRun:
+        batch_size: int | None = None, **train_overrides: Any) -> SFTRun:
     """Fine-tune ``base`` (see :func:`load_base`) on ``train`` and measure exact match on ``test``.
 
     The data default to ``task``'s train and held-out splits (:func:`task_data`). ``lora=True``
@@ -417,10 +417,13 @@ def sft(profile: Profile, base: Base, out_dir: str | os.PathLike, *,
     themselves). ``sft.json`` records the ids, so :func:`load_sft` rebuilds the same model. Checkpoints, metrics,
     ``tokenizer.bpe``, ``sft.json`` and, with LoRA, ``lora.safetensors`` go to ``out_dir``; a run
     with a checkpoint there continues from it (``resume=False`` starts over). ``train_overrides``
-    are :class:`~minigpt.train.TrainConfig` fields.
+    are :class:`~minigpt.train.TrainConfig` fields; ``batch_size`` (conversations per micro-batch)
+    overrides the profile's :data:`SFT_SETTINGS`.
     """
     ddp, device = init_distributed(profile.device)
     settings = sft_settings(profile)
+    if batch_size is not None:
+        settings = dataclasses.replace(settings, batch_size=batch_size)
     out = Path(out_dir)
     cfg = sft_config(profile, lora=bool(lora), **train_overrides)
     model, tok = load_base(base, profile, tokenizer=tokenizer, seed=cfg.seed)

@@ -8,6 +8,10 @@ really worked (exact match on held-out questions) instead of eyeballing samples:
   Alice has a cat. ...") and questions about it, sometimes two turns long;
 * :func:`string_tasks` -- reverse, spell in capitals, count the letters of made-up words.
 
+Two more make labelled text for classification heads (:mod:`minigpt.classify`) rather than
+conversations: :func:`reviews` (a sentiment-like label per text) and :func:`entity_tags` (an
+entity-like tag per word).
+
 **Splits.** Each example has a key (the arithmetic question, the world, the word); a hash of the
 key puts it in ``"train"`` or ``"test"`` (10% held out), so the splits never overlap, for any
 seed or size, and the same call always returns the same examples.
@@ -30,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from minigpt.chat import END_OF_TURN, Conversation, Message, check_chat_tokenizer, render_prompt
 from minigpt.data import require_hub
@@ -39,15 +43,23 @@ from minigpt.model import GPT
 from minigpt.tokenizer import BPETokenizer
 
 __all__ = [
+    "BAD",
+    "ENTITY_TAGS",
+    "GOOD",
     "HELD_OUT",
+    "Labeled",
     "ONLINE",
     "OnlineSet",
+    "PETS",
+    "SENTIMENTS",
     "SPLITS",
     "TASKS",
+    "Tagged",
     "alpaca_conversation",
     "answers",
     "arithmetic",
     "correct",
+    "entity_tags",
     "even_digits",
     "exact_match",
     "few_shot_prompt",
@@ -55,11 +67,15 @@ __all__ = [
     "make_task",
     "mixture",
     "normalize_answer",
+    "review_questions",
+    "reviews",
     "smoltalk_conversation",
     "split_of",
     "string_tasks",
     "world_qa",
 ]
+
+T = TypeVar("T")
 
 #: The splits of every task.
 SPLITS = ("train", "test")
@@ -78,12 +94,11 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split={split!r} must be one of {SPLITS}")
 
 
-def _sample(make: Callable[[random.Random], tuple[str, Conversation]], n: int, split: str,
-            seed: int) -> list[Conversation]:
-    """``n`` distinct examples of ``split`` drawn by ``make(rng)`` -> (key, conversation)."""
+def _sample(make: Callable[[random.Random], tuple[str, T]], n: int, split: str, seed: int) -> list[T]:
+    """``n`` distinct examples of ``split`` drawn by ``make(rng)`` -> (key, example)."""
     _check_split(split)
     rng = random.Random(seed)
-    out: dict[str, Conversation] = {}
+    out: dict[str, T] = {}
     for _ in range(100 * n + 1000):
         if len(out) == n:
             break
@@ -132,6 +147,7 @@ NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Iv
          "Victor", "Wendy", "Xavier", "Yvonne", "Zoe")
 PLACES = ("Oslo", "Lima", "Rome", "Paris", "Cairo", "Tokyo", "Delhi", "Quito", "Dakar", "Hanoi", "Perth",
           "Lagos", "Berlin", "Madrid", "Vienna", "Dublin", "Prague", "Seoul", "Havana", "Nairobi")
+#: The pets of the little world, and of :func:`entity_tags`: common nouns, unlike the made-up names.
 PETS = ("cat", "dog", "fish", "horse", "parrot", "rabbit", "snake", "turtle", "goat", "frog")
 
 
@@ -230,6 +246,131 @@ def mixture(n: int, *, split: str = "train", seed: int = 0,
 
 
 TASKS["mixture"] = mixture
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled text for classification
+# ---------------------------------------------------------------------------------------------
+
+#: The classes of :func:`reviews`, by label id.
+SENTIMENTS = ("negative", "mixed", "positive")
+#: The tags of :func:`entity_tags`, by tag id: outside any entity, person, place, pet.
+ENTITY_TAGS = ("O", "PER", "LOC", "PET")
+#: The adjectives that count +1 in :func:`reviews` (-1 after "not").
+GOOD = ("sweet", "fair", "gentle", "noble", "kind", "merry", "honest", "brave", "true", "good")
+#: The adjectives that count -1 in :func:`reviews` (+1 after "not").
+BAD = ("foul", "vile", "cruel", "false", "wicked", "base", "dull", "proud", "sick", "bad")
+
+
+@dataclass(frozen=True)
+class Labeled:
+    """A text and the id of its class (an index into the task's class names)."""
+
+    text: str
+    label: int
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """Words (punctuation counts as a word) and one tag id per word."""
+
+    words: tuple[str, ...]
+    tags: tuple[int, ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(w if i == 0 or w in ".," else " " + w for i, w in enumerate(self.words))
+
+
+def reviews(n: int, *, split: str = "train", seed: int = 0, negation: float = 0.3,
+            max_clauses: int = 3) -> list[Labeled]:
+    """Verdicts on the world's people and pets, 1 to ``max_clauses`` clauses: "Alice's cat is not cruel, but Bob
+    is dull." Each adjective counts +1 (:data:`GOOD`) or -1 (:data:`BAD`), a "not" before it
+    (probability ``negation``) flips it, and the sum's sign is the label: negative, mixed (zero,
+    only possible with two clauses) or positive (:data:`SENTIMENTS`). So the classes are unequal,
+    and the label needs every clause and every "not", not a single word. Keyed by the text."""
+    if not 0.0 <= negation <= 1.0:
+        raise ValueError(f"negation={negation} must be a probability in [0, 1]")
+    if max_clauses < 1:
+        raise ValueError(f"max_clauses={max_clauses} must be at least 1")
+
+    def make(rng: random.Random) -> tuple[str, Labeled]:
+        clauses, score = [], 0
+        for _ in range(rng.randint(1, max_clauses)):
+            who = rng.choice(NAMES)
+            subject = who if rng.random() < 0.5 else f"{who}'s {rng.choice(PETS)}"
+            good = rng.random() < 0.5
+            negated = rng.random() < negation
+            adjective = rng.choice(GOOD if good else BAD)
+            clauses.append(f"{subject} is {'not ' if negated else ''}{adjective}")
+            score += (1 if good else -1) * (-1 if negated else 1)
+        text = clauses[0] + "".join(f", {rng.choice(('and', 'but'))} {c}" for c in clauses[1:]) + "."
+        return text, Labeled(text, 1 + (score > 0) - (score < 0))
+
+    return _sample(make, n, split, seed)
+
+
+def review_questions(n: int, *, split: str = "train", seed: int = 0, max_clauses: int = 2) -> list[Conversation]:
+    """:func:`reviews` of up to ``max_clauses`` clauses (two fit the smallest profile's context) put
+    to a chat model: the review and "Positive, negative or mixed?", answered with the label's name
+    (continual learning's second task: words where arithmetic had digits)."""
+    return [Conversation.single(f"{ex.text} Positive, negative or mixed?", SENTIMENTS[ex.label])
+            for ex in reviews(n, split=split, seed=seed, max_clauses=max_clauses)]
+
+
+def entity_tags(n: int, *, split: str = "train", seed: int = 0, sentences: int = 2) -> list[Tagged]:
+    """``sentences`` sentences about made-up people and places, each word tagged (:data:`ENTITY_TAGS`):
+    "Bavo met Kimu in Tesado. In Tesado, Kimu keeps a goat." People and places are both
+    capitalised made-up words, so only the context tells PER from LOC; pets come from :data:`PETS`.
+
+    The split is keyed by the made-up words: a held-out example uses only held-out names, never
+    seen in training, so a tagger must read the context rather than remember the names. The
+    templates let the words *before* a name decide its tag, which is all a causal model sees.
+    """
+    _check_split(split)
+    OUT, PER, LOC, PET = range(len(ENTITY_TAGS))
+    if not 1 <= sentences <= 6:
+        raise ValueError(f"sentences={sentences} must be between 1 and 6 (the number of templates)")
+    templates = (
+        ((PER, None), (OUT, "lives"), (OUT, "in"), (LOC, None), (OUT, ".")),
+        ((PER, None), (OUT, "has"), (OUT, "a"), (PET, None), (OUT, ".")),
+        ((PER, None), (OUT, "met"), (PER, None), (OUT, "in"), (LOC, None), (OUT, ".")),
+        ((OUT, "In"), (LOC, None), (OUT, ","), (PER, None), (OUT, "keeps"), (OUT, "a"), (PET, None), (OUT, ".")),
+        ((PER, None), (OUT, "and"), (PER, None), (OUT, "moved"), (OUT, "to"), (LOC, None), (OUT, ".")),
+        ((PER, None), (OUT, "visited"), (LOC, None), (OUT, "with"), (PER, None), (OUT, ".")),
+    )
+
+    def name(rng: random.Random) -> str:
+        while True:  # rejection sampling: about one word in ten is held out
+            word = _word(rng).capitalize()
+            if split_of(word) == split:
+                return word
+
+    rng = random.Random(seed)
+    out: dict[str, Tagged] = {}
+    for _ in range(100 * n + 1000):
+        if len(out) == n:
+            break
+        people, places = [name(rng) for _ in range(3)], [name(rng) for _ in range(2)]
+        if len(set(people + places)) < 5:  # a word is a person or a place, never both
+            continue
+        words, tags = [], []
+        for template in rng.sample(templates, sentences):
+            who = rng.sample(people, 2)
+            for tag, word in template:
+                if tag == PER:
+                    word = who.pop()
+                elif tag == LOC:
+                    word = rng.choice(places)
+                elif tag == PET:
+                    word = rng.choice(PETS)
+                words.append(word)
+                tags.append(tag)
+        example = Tagged(tuple(words), tuple(tags))
+        out.setdefault(example.text, example)
+    else:
+        raise ValueError(f"could only find {len(out)} distinct {split} examples, not {n}; ask for fewer")
+    return list(out.values())
 
 
 # ---------------------------------------------------------------------------------------------

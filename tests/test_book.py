@@ -65,7 +65,7 @@ CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 # -- Colab -------------------------------------------------------------------------------------
 
 def test_every_chapter_has_the_colab_install_cell() -> None:
-    assert len(CHAPTERS) == 7
+    assert len(CHAPTERS) == 11
     assert colab.main(["--check", *map(str, CHAPTERS)]) == 0, "run: python book/colab.py"
     assert {f"notebooks/{path.stem}" for path in CHAPTERS} <= set(toc_docnames())
 

@@ -1,0 +1,138 @@
+"""GPT-2's block against the modern one, switch by switch, at equal compute (chapter 9).
+
+Each variant is the same :class:`~minigpt.model.GPT` with some of its four switches turned
+(``norm``, ``mlp``, ``position``, ``n_kv_head``), trained from the same seed for the same steps
+on the same batches (the profile's corpus, read in order by a fresh
+:class:`~minigpt.shards.ShardLoader`), with the same optimiser settings, and evaluated on the
+same validation batches. Parameters and FLOPs per token are reported next to the losses, so
+"equal compute" can be checked rather than assumed: SwiGLU's hidden width keeps the MLP within
+a few percent of GPT-2's, RoPE drops the position table, and grouped-query attention has fewer
+key/value weights (that is its point).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from minigpt.data import prepare_corpus
+from minigpt.model import GPT, GPTConfig
+from minigpt.pretrain import EOT, pretrain_tokenizer, pretrained_dir, train_config
+from minigpt.profiles import Profile
+from minigpt.shards import ShardLoader
+from minigpt.train import Trainer
+
+
+def variants(n_head: int) -> dict[str, dict[str, Any]]:
+    """The comparison's variants as :class:`~minigpt.model.GPTConfig` overrides: GPT-2, each
+    switch alone, and all four together. Grouped-query attention halves the key/value heads
+    (one head for all queries, multi-query attention, when ``n_head`` is 2)."""
+    gqa = {"n_kv_head": max(1, n_head // 2)}
+    return {
+        "GPT-2": {},
+        "RMSNorm": {"norm": "rmsnorm"},
+        "SwiGLU": {"mlp": "swiglu"},
+        "RoPE": {"position": "rope"},
+        "GQA": gqa,
+        "Llama-style": {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", **gqa},
+    }
+
+
+@dataclass
+class BlockRun:
+    """One trained variant: what it costs and how well it predicts held-out text."""
+
+    name: str
+    overrides: dict[str, Any]
+    params: int  # GPT.num_params(): without a learned position table, which RoPE has none of
+    flops_per_token: int  # training FLOPs per token at block_size (6N + attention)
+    kv_cache_per_token: int  # numbers a KV cache stores per generated token (2 x layers x kv heads x head_dim)
+    val_loss: float  # nats per token after the last step
+    seconds: float  # wall time of training and its evaluations
+    val_history: list[tuple[int, float]] = field(default_factory=list)  # (step, val loss)
+    train_history: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss)
+
+
+def compare_blocks(profile: Profile, steps: int, *, batch_size: int | None = None,
+                   names: list[str] | None = None, evals: int = 2, seed: int = 1337,
+                   progress: bool = False, **train_overrides: Any) -> list[BlockRun]:
+    """Train every variant of :func:`variants` (or those in ``names``) for ``steps`` steps of
+    ``batch_size`` sequences (default the profile's) of ``block_size`` tokens, at ``profile``'s
+    model size on its corpus; return one :class:`BlockRun` per variant, GPT-2 first.
+
+    The tokenizer and shards are those of :func:`minigpt.pretrain.pretrained_dir` (made once,
+    shared with chapter 4). The learning rate warms up over a tenth of the steps, then decays;
+    validation runs ``evals`` times, evenly spaced, on the same batches for every variant.
+    ``train_overrides`` (``learning_rate=...``) go to :func:`minigpt.pretrain.train_config`.
+    """
+    batch_size = batch_size or profile.batch_size
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps={steps} and batch_size={batch_size} must be at least 1")
+    if not 1 <= evals <= steps:
+        raise ValueError(f"evals={evals} must be between 1 and steps={steps}")
+    table = variants(profile.n_head)
+    unknown = sorted(set(names or ()) - set(table))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(table)}")
+    out = pretrained_dir(profile)
+    tok = pretrain_tokenizer(profile, out)
+    prepared = prepare_corpus(profile.corpus, tok.encoding.encode_ordinary_batch, tok.special_tokens[EOT],
+                              out / "shards")
+    vocab_size = max(tok.vocab_size, profile.vocab_size if profile.tokenizer == "gpt2" else 0)
+    cfg = train_config(dataclasses.replace(profile, batch_size=batch_size, total_batch_tokens=batch_size * profile.block_size),
+                       max_steps=steps, warmup_steps=max(1, steps // 10), eval_interval=max(1, steps // evals),
+                       sample_interval=0, checkpoint_interval=0, log_interval=1, seed=seed,
+                       **train_overrides)
+    runs = []
+    for name in names or table:
+        overrides = table[name]
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig.from_profile(profile, vocab_size=vocab_size, **overrides))
+        c = model.config
+        loaders = [ShardLoader(split, batch_size, profile.block_size) for split in (prepared.train, prepared.val)]
+        trainer = Trainer(model, cfg, *loaders, device=profile.device)
+        start = time.perf_counter()
+        history = trainer.fit(progress=progress)
+        seconds = time.perf_counter() - start
+        val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+        runs.append(BlockRun(
+            name=name, overrides=dict(overrides), params=model.num_params(),
+            flops_per_token=model.flops_per_token(), kv_cache_per_token=2 * c.n_layer * c.kv_heads * c.head_dim,
+            val_loss=val[-1][1], seconds=seconds, val_history=val,
+            train_history=[(r["step"], r["loss"]) for r in history]))
+    return runs
+
+
+def format_table(runs: list[BlockRun]) -> str:
+    """The runs as a fixed-width table, each loss also as a difference from the first run's."""
+    base = runs[0]
+    lines = [f"{'variant':<12} {'params':>9} {'MFLOP/tok':>9} {'KV/tok':>6} {'val loss':>8} "
+             f"{'vs ' + base.name:>9} {'seconds':>7}"]
+    for r in runs:
+        lines.append(f"{r.name:<12} {r.params:>9,} {r.flops_per_token / 1e6:>9.2f} {r.kv_cache_per_token:>6} "
+                     f"{r.val_loss:>8.3f} {r.val_loss - base.val_loss:>+9.3f} {r.seconds:>7.1f}")
+    return "\n".join(lines)
+
+
+def plot_runs(runs: list[BlockRun], ax: Any = None, window: int = 10) -> Any:
+    """Training loss against step (a ``window``-step running mean: every variant sees the same
+    batches, so the curves are comparable step by step), one line per variant, with its final
+    validation loss in the legend; returns the matplotlib axes."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        steps, losses = (np.array(v) for v in zip(*r.train_history))
+        w = min(window, len(losses))
+        ax.plot(steps[w - 1:], np.convolve(losses, np.ones(w) / w, mode="valid"), label=f"{r.name} (val {r.val_loss:.3f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss ({w}-step mean, nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax

@@ -1,0 +1,183 @@
+"""Continual learning: fine-tune on a new task, measure what the old one lost, and lose less.
+
+Task A is arithmetic: the SFT model every RLHF stage starts from
+(:func:`minigpt.rlhf.run.start_policy`, trained once per machine and cached). Task B is the
+sentiment rule of the classification chapter asked as a question and answered in a word
+(:func:`minigpt.tasks.review_questions`): short, so it trains fast at every profile, and answered
+in words where A answers in digits. :func:`continual` fine-tunes the A
+model on B three ways with :func:`minigpt.sft.sft` and measures held-out exact match on both
+tasks after each:
+
+* **sequential**: B alone. Gradient descent on B has no reason to keep what A needed, and the
+  shared weights move: *catastrophic forgetting* (McCloskey & Cohen 1989; French 1999).
+* **replay**: a fraction of A's training conversations mixed into B's data (:func:`replay_mix`),
+  so every batch still pays for forgetting A (rehearsal, Robins 1995; experience replay).
+* **LoRA**: A's weights frozen, only low-rank adapters train for B (:mod:`minigpt.lora`); no
+  token rows and no ``train_also`` modules, so nothing of A's model changes, and dropping the
+  adapters (:func:`without_adapters`) gives A's model back bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from minigpt.lora import LoRALinear, TokenRows, trainable_fraction
+from minigpt.model import GPT
+from minigpt.profiles import Profile
+from minigpt.rlhf.run import problems, start_policy
+from minigpt.sft import SFTRun, sft, sft_settings
+from minigpt.tasks import arithmetic, exact_match, review_questions
+
+__all__ = [
+    "CONTINUAL_SETTINGS",
+    "ContinualResult",
+    "ContinualSettings",
+    "METHODS",
+    "continual",
+    "continual_settings",
+    "forgetting_table",
+    "replay_mix",
+    "without_adapters",
+]
+
+T = TypeVar("T")
+
+#: The three ways :func:`continual` learns task B, in the order it runs them.
+METHODS = ("sequential", "replay", "lora")
+
+
+@dataclass(frozen=True)
+class ContinualSettings:
+    """Continual learning's knobs per profile (the model's size comes from the profile; batches
+    and warmup are SFT's, :data:`minigpt.sft.SFT_SETTINGS`)."""
+
+    n_train_b: int  # review questions to learn
+    batch_size: int  # conversations per step (SFT's own batches are larger than this chapter's time allows)
+    n_test_a: int | None  # held-out arithmetic problems (None: as many as the RLHF stages use)
+    n_test_b: int  # held-out review questions
+    max_steps: int  # task B, sequential and replay
+    learning_rate: float
+    replay: float  # the fraction of the B-stage data that is A's, replayed
+    lora_max_steps: int
+    lora_learning_rate: float
+    lora_rank: int
+
+
+# Measured on 2 CPU cores (the continual-learning chapter prints these runs).
+#: Continual learning's settings for each profile.
+CONTINUAL_SETTINGS: dict[str, ContinualSettings] = {
+    "ci": ContinualSettings(n_train_b=2000, batch_size=32, n_test_a=None, n_test_b=200, max_steps=60,
+                            learning_rate=3e-3, replay=0.5, lora_max_steps=60, lora_learning_rate=1e-2, lora_rank=4),
+    "cpu": ContinualSettings(n_train_b=4000, batch_size=32, n_test_a=300, n_test_b=300, max_steps=150,
+                             learning_rate=2e-3, replay=0.5, lora_max_steps=150, lora_learning_rate=1e-2, lora_rank=8),
+    "gpu": ContinualSettings(n_train_b=20000, batch_size=64, n_test_a=1000, n_test_b=1000, max_steps=1000,
+                             learning_rate=5e-4, replay=0.5, lora_max_steps=1500, lora_learning_rate=3e-3, lora_rank=16),
+    "full": ContinualSettings(n_train_b=20000, batch_size=64, n_test_a=1000, n_test_b=1000, max_steps=1000,
+                              learning_rate=2e-4, replay=0.5, lora_max_steps=1500, lora_learning_rate=2e-3, lora_rank=16),
+}
+
+
+def continual_settings(profile: Profile) -> ContinualSettings:
+    if profile.name not in CONTINUAL_SETTINGS:
+        raise ValueError(f"no continual-learning settings for profile {profile.name!r}; "
+                         "add them to minigpt.continual.CONTINUAL_SETTINGS")
+    return CONTINUAL_SETTINGS[profile.name]
+
+
+def replay_mix(new: Sequence[T], old: Sequence[T], fraction: float, *, seed: int = 0) -> list[T]:
+    """All of ``new`` and enough of ``old`` (drawn without replacement while it lasts) that
+    ``old`` makes up ``fraction`` of the result, shuffled: SFT's batches then hold about that
+    share of replayed examples each."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction={fraction} must be in [0, 1): the share of old examples in the mix")
+    if not new:
+        raise ValueError("replay_mix needs new examples to learn")
+    n_old = round(len(new) * fraction / (1.0 - fraction))
+    if n_old and not old:
+        raise ValueError("no old examples to replay; pass fraction=0 to learn the new task alone")
+    rng = random.Random(seed)
+    replayed = rng.sample(list(old), n_old) if n_old <= len(old) else rng.choices(list(old), k=n_old)
+    mixed = list(new) + replayed
+    rng.shuffle(mixed)
+    return mixed
+
+
+@torch.no_grad()
+def without_adapters(model: GPT) -> GPT:
+    """A plain GPT with ``model``'s own weights and none of its LoRA adapters: what the model was
+    before :func:`~minigpt.lora.apply_lora`, provided the adapters were never merged and nothing
+    else trained (no token rows; :func:`continual` trains neither)."""
+    for name, module in model.named_modules():
+        if isinstance(module, TokenRows):
+            raise ValueError(f"{name} has trained token rows, which are part of the weights, not an adapter; "
+                             "train LoRA with token_rows=() to be able to remove it")
+        if isinstance(module, LoRALinear) and module.merged:
+            raise ValueError(f"{name} is merged into its base weight; unmerge(model) first")
+    plain = GPT(model.config).to(model.transformer.wte.weight.device)
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    plain.load_state_dict(state)
+    return plain.eval()
+
+
+@dataclass
+class ContinualResult:
+    """One way of learning task B: exact match on A before and after, and on B after."""
+
+    method: str
+    a_before: float
+    a_after: float
+    b_before: float
+    b_after: float
+    trainable: float  # the fraction of parameters that trained on B
+    run: SFTRun
+
+    @property
+    def forgetting(self) -> float:
+        """How much exact match on A was lost (negative: it improved)."""
+        return self.a_before - self.a_after
+
+
+def continual(profile: Profile, out_dir: str | os.PathLike, *, methods: Sequence[str] = METHODS,
+              seed: int = 0, progress: bool = False) -> list[ContinualResult]:
+    """Learn task B after task A by each of ``methods`` (:data:`METHODS`), each from the same A
+    model; runs go to folders of ``out_dir`` named by method."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    s = continual_settings(profile)
+    model_a, tok = start_policy(profile)
+    a_train = arithmetic(None, split="train", seed=seed, max_operand=sft_settings(profile).max_operand)
+    a_test = problems(profile, "test", s.n_test_a)
+    b_train = review_questions(s.n_train_b, split="train", seed=seed)
+    b_test = review_questions(s.n_test_b, split="test", seed=seed)
+    a_before, b_before = exact_match(model_a, tok, a_test), exact_match(model_a, tok, b_test)
+    results = []
+    for method in methods:
+        train: list[Any] = replay_mix(b_train, a_train, s.replay, seed=seed) if method == "replay" else b_train
+        options: dict[str, Any] = dict(max_steps=s.max_steps, learning_rate=s.learning_rate)
+        if method == "lora":
+            options = dict(max_steps=s.lora_max_steps, learning_rate=s.lora_learning_rate,
+                           lora=dict(r=s.lora_rank, alpha=2.0 * s.lora_rank, token_rows=(), train_also=()))
+        options["eval_interval"] = max(1, options["max_steps"] // 5)  # five points of B's validation loss
+        run = sft(profile, model_a, Path(out_dir) / method, tokenizer=tok, train=train, test=b_test,
+                  too_long="drop", resume=False, progress=progress, batch_size=s.batch_size, checkpoint_interval=0,
+                  sample_interval=0, seed=seed, **options)
+        run.model.eval()
+        results.append(ContinualResult(method, a_before, exact_match(run.model, tok, a_test), b_before,
+                                       run.exact_match, trainable_fraction(run.model), run))
+    return results
+
+
+def forgetting_table(results: Sequence[ContinualResult]) -> str:
+    """The before/after numbers of :func:`continual` as a text table."""
+    lines = [f"{'method':<12} {'trained':>8} {'A before':>9} {'A after':>8} {'forgot':>7} {'B before':>9} {'B after':>8}"]
+    lines += [f"{r.method:<12} {r.trainable:>8.1%} {r.a_before:>9.3f} {r.a_after:>8.3f} {r.forgetting:>7.3f} "
+              f"{r.b_before:>9.3f} {r.b_after:>8.3f}" for r in results]
+    return "\n".join(lines)

@@ -1,0 +1,215 @@
+"""Images become tokens (chapter 11): the same GPT reads an image as a prefix and captions it.
+
+An image is cut into square patches; a linear map (the *patch embedding*) turns each patch's
+pixels into a vector of the model's width, and a learned vector per patch position says where
+it was. Those vectors go in front of the token embeddings through ``GPT.forward(prefix=...)``,
+and the model is trained to continue them with a caption ("a seven", then the end-of-text
+token), exactly as it continues text. This is the recipe of ViT's patch embedding and of
+prefix-style vision-language models, at the size of scikit-learn's 8x8 digits (1,797 images,
+shipped with scikit-learn, so no download).
+
+scikit-learn is an optional extra: ``pip install 'minigpt[vision]'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from minigpt.model import GPT
+from minigpt.train import TrainConfig, lr_at, make_optimizer
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 handwritten digits: images (1797, 8, 8) scaled to [0, 1] and labels (1797,)."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as err:
+        raise ImportError("the digit images come with scikit-learn: pip install 'minigpt[vision]' "
+                          "(or pip install scikit-learn)") from err
+    digits = sklearn_digits()
+    return torch.tensor(digits.images / 16.0, dtype=torch.float32), torch.tensor(digits.target, dtype=torch.long)
+
+
+def split(n: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and test indices of ``n`` examples: a random permutation fixed by ``seed``."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction} must be between 0 and 1")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = round(n * test_fraction)
+    return order[n_test:], order[:n_test]
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, H, W) images -> (B, H/patch * W/patch, patch * patch) patches, row by row, each flattened
+    row-major: patch ``r * (W / patch) + c`` is ``images[:, r*patch:(r+1)*patch, c*patch:(c+1)*patch]``."""
+    if images.dim() != 3:
+        raise ValueError(f"images must be (batch, height, width), got shape {tuple(images.shape)}")
+    B, H, W = images.shape
+    if H % patch or W % patch:
+        raise ValueError(f"patch={patch} must divide the image size {H}x{W}")
+    x = images.reshape(B, H // patch, patch, W // patch, patch).transpose(2, 3)
+    return x.reshape(B, (H // patch) * (W // patch), patch * patch)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`patchify`: (B, N, patch * patch) -> (B, height, width)."""
+    B = patches.size(0)
+    x = patches.reshape(B, height // patch, width // patch, patch, patch).transpose(2, 3)
+    return x.reshape(B, height, width)
+
+
+class Captioner(nn.Module):
+    """A GPT with a patch embedding in front: ``forward(images, idx, targets)`` returns the GPT's
+    ``(logits, loss)`` for the caption tokens ``idx`` read after the image's patches."""
+
+    def __init__(self, gpt: GPT, image_size: int = 8, patch: int = 2) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"patch={patch} must divide image_size={image_size}")
+        self.gpt, self.image_size, self.patch = gpt, image_size, patch
+        n_patches = (image_size // patch) ** 2
+        self.patch_embed = nn.Linear(patch * patch, gpt.config.n_embd)
+        # Where each patch sits in the image: learned, as GPT-2 learns its token positions.
+        self.patch_pos = nn.Parameter(torch.randn(n_patches, gpt.config.n_embd) * 0.02)
+
+    @property
+    def n_patches(self) -> int:
+        return self.patch_pos.size(0)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) images -> (B, n_patches, n_embd): the prefix the GPT reads."""
+        if images.shape[1:] != (self.image_size, self.image_size):
+            raise ValueError(f"images must be (batch, {self.image_size}, {self.image_size}), got {tuple(images.shape)}")
+        return self.patch_embed(patchify(images, self.patch)) + self.patch_pos
+
+    def forward(self, images: torch.Tensor, idx: torch.Tensor,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.gpt(idx, targets, prefix=self.embed(images))
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, start: int, stop: int, max_tokens: int) -> list[list[int]]:
+        """Greedy captions: read each image and ``start``, then up to ``max_tokens`` tokens, with
+        a KV cache; each caption is cut before its first ``stop`` token (no stop: all kept)."""
+        was_training = self.training
+        self.eval()
+        try:
+            B = images.size(0)
+            cache = self.gpt.new_kv_cache(B, self.n_patches + 1 + max_tokens)
+            idx = torch.full((B, 1), start, dtype=torch.long, device=images.device)
+            logits, _ = self.gpt(idx, prefix=self.embed(images), kv_cache=cache, last_only=True)
+            steps = []
+            for i in range(max_tokens):
+                token = logits[:, -1].argmax(dim=-1)
+                steps.append(token)
+                if i < max_tokens - 1:
+                    logits, _ = self.gpt(token[:, None], kv_cache=cache, last_only=True)
+            rows = torch.stack(steps, dim=1).tolist()
+        finally:
+            self.train(was_training)
+        return [row[:row.index(stop)] if stop in row else row for row in rows]
+
+
+def caption_text(label: int) -> str:
+    """A digit's caption: "a zero" ... "a nine", but "an eight"."""
+    name = DIGIT_NAMES[label]
+    return f"{'an' if name == 'eight' else 'a'} {name}"
+
+
+def caption_ids(tokenizer: Tokenizer) -> list[list[int]]:
+    """The token ids of each digit's caption (:func:`caption_text`)."""
+    return [tokenizer.encode(caption_text(d)) for d in range(len(DIGIT_NAMES))]
+
+
+def caption_batch(labels: torch.Tensor, captions: Sequence[Sequence[int]], eot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``[eot] + caption`` and targets ``caption + [eot]`` for each label, right-padded
+    (inputs with ``eot``, targets with -100, which the loss skips) to the longest caption."""
+    width = max(len(captions[int(y)]) for y in labels) + 1
+    idx = torch.full((len(labels), width), eot, dtype=torch.long)
+    targets = torch.full((len(labels), width), -100, dtype=torch.long)
+    for row, y in enumerate(labels.tolist()):
+        ids = list(captions[y])
+        idx[row, 1:len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
+        targets[row, :len(ids) + 1] = torch.tensor(ids + [eot], dtype=torch.long)
+    return idx, targets
+
+
+@dataclass
+class CaptionRun:
+    """A trained captioner and how it did."""
+
+    model: Captioner
+    losses: list[float]  # training loss per step
+    accuracy: float  # exact-match caption accuracy on the test images
+    predictions: list[str]  # the test images' captions, decoded
+
+
+def train_captioner(model: Captioner, images: torch.Tensor, labels: torch.Tensor, tokenizer: Tokenizer, eot: int,
+                    *, steps: int, batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0) -> list[float]:
+    """Train every weight of ``model`` (patch embedding and GPT) to caption ``images``: AdamW, warmup
+    and cosine decay as in pretraining, random batches drawn with ``seed``. Returns the losses."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps={steps} and batch_size={batch_size} must be at least 1")
+    captions = caption_ids(tokenizer)
+    cfg = TrainConfig(max_steps=steps, warmup_steps=max(1, steps // 10), learning_rate=learning_rate)
+    optimizer = make_optimizer(model, cfg, "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        rows = torch.randint(len(labels), (batch_size,), generator=gen)
+        idx, targets = caption_batch(labels[rows], captions, eot)
+        _, loss = model(images[rows], idx, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def evaluate_captions(model: Captioner, images: torch.Tensor, labels: torch.Tensor, tokenizer: Tokenizer,
+                      eot: int) -> tuple[float, list[str]]:
+    """Exact-match accuracy of greedy captions (the right words, then the end token) and the
+    decoded captions."""
+    captions = caption_ids(tokenizer)
+    max_tokens = max(len(c) for c in captions) + 1  # room for the end token
+    predicted = model.caption(images, start=eot, stop=eot, max_tokens=max_tokens)
+    hits = 0
+    for ids, y in zip(predicted, labels.tolist()):
+        # caption() keeps a row without any end token whole: it must not count as a match.
+        ended = len(ids) < max_tokens
+        hits += ended and ids == captions[y]
+    return hits / len(labels), [tokenizer.decode(ids) for ids in predicted]
+
+
+def majority_baseline(train_labels: torch.Tensor, test_labels: torch.Tensor) -> tuple[int, float]:
+    """The most frequent training label and the test accuracy of always answering it."""
+    majority = int(torch.bincount(train_labels).argmax())
+    return majority, (test_labels == majority).float().mean().item()
+
+
+def fit_captioner(gpt: GPT, tokenizer: Tokenizer, eot: int, data: tuple[torch.Tensor, torch.Tensor],
+                  train_idx: torch.Tensor, test_idx: torch.Tensor, *, patch: int = 2, seed: int = 0,
+                  **train_args: Any) -> CaptionRun:
+    """Wrap ``gpt`` in a :class:`Captioner`, train it on ``train_idx`` of ``data`` (images, labels)
+    and measure it on ``test_idx``; ``train_args`` go to :func:`train_captioner`."""
+    images, labels = data
+    torch.manual_seed(seed)  # the patch embedding's initial weights
+    model = Captioner(gpt, image_size=images.size(-1), patch=patch)
+    losses = train_captioner(model, images[train_idx], labels[train_idx], tokenizer, eot, seed=seed, **train_args)
+    accuracy, predictions = evaluate_captions(model, images[test_idx], labels[test_idx], tokenizer, eot)
+    return CaptionRun(model, losses, accuracy, predictions)
