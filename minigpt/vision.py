@@ -80,23 +80,29 @@ class Captioner(nn.Module):
             raise ValueError(f"patch={patch} must divide image_size={image_size}")
         self.gpt, self.image_size, self.patch = gpt, image_size, patch
         n_patches = (image_size // patch) ** 2
-        self.patch_embed = nn.Linear(patch * patch, gpt.config.n_embd)
+        device = gpt.transformer.wte.weight.device  # the new weights live where the GPT does
+        self.patch_embed = nn.Linear(patch * patch, gpt.config.n_embd, device=device)
         # Where each patch sits in the image: learned, as GPT-2 learns its token positions.
-        self.patch_pos = nn.Parameter(torch.randn(n_patches, gpt.config.n_embd) * 0.02)
+        self.patch_pos = nn.Parameter(torch.randn(n_patches, gpt.config.n_embd, device=device) * 0.02)
 
     @property
     def n_patches(self) -> int:
         return self.patch_pos.size(0)
 
+    @property
+    def device(self) -> torch.device:
+        return self.patch_pos.device
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) images -> (B, n_patches, n_embd): the prefix the GPT reads."""
+        """(B, H, W) images (on any device) -> (B, n_patches, n_embd): the prefix the GPT reads."""
         if images.shape[1:] != (self.image_size, self.image_size):
             raise ValueError(f"images must be (batch, {self.image_size}, {self.image_size}), got {tuple(images.shape)}")
-        return self.patch_embed(patchify(images, self.patch)) + self.patch_pos
+        return self.patch_embed(patchify(images.to(self.device), self.patch)) + self.patch_pos
 
     def forward(self, images: torch.Tensor, idx: torch.Tensor,
                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.gpt(idx, targets, prefix=self.embed(images))
+        targets = None if targets is None else targets.to(self.device)
+        return self.gpt(idx.to(self.device), targets, prefix=self.embed(images))
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, start: int, stop: int, max_tokens: int) -> list[list[int]]:
@@ -107,7 +113,7 @@ class Captioner(nn.Module):
         try:
             B = images.size(0)
             cache = self.gpt.new_kv_cache(B, self.n_patches + 1 + max_tokens)
-            idx = torch.full((B, 1), start, dtype=torch.long, device=images.device)
+            idx = torch.full((B, 1), start, dtype=torch.long, device=self.device)
             logits, _ = self.gpt(idx, prefix=self.embed(images), kv_cache=cache, last_only=True)
             steps = []
             for i in range(max_tokens):
@@ -163,7 +169,7 @@ def train_captioner(model: Captioner, images: torch.Tensor, labels: torch.Tensor
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be at least 1")
     captions = caption_ids(tokenizer)
     cfg = TrainConfig(max_steps=steps, warmup_steps=max(1, steps // 10), learning_rate=learning_rate)
-    optimizer = make_optimizer(model, cfg, "cpu")
+    optimizer = make_optimizer(model, cfg, model.device.type)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     losses = []
