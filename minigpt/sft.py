@@ -297,6 +297,9 @@ class SFTSettings:
 #   reached 0.422 in 2,000 steps. All of these decayed the adapters (weight decay 0.1); without
 #   it (minigpt.lora's rule now) the same setting reached 0.700 in 2,000 steps (val loss 0.25 and
 #   falling fast) and 0.930 in 3,000, within 1.4 points of full SFT with 4.8% of the parameters.
+#   (Those were `minigpt sft` runs, mostly on 1 thread. The book's 2-thread build of the chapter
+#   measured full SFT 0.912 in 3.2 minutes and LoRA 0.872 in 5.2: the last points move with the
+#   thread count.)
 # * ci trains from random weights, where LoRA has little to adapt: 0.41 in 200 steps, 0.71 in 400.
 # Fine-tuning uses a learning rate like pretraining's: the task is new to the model, so there is
 # little pretrained knowledge to protect.
