@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from minigpt.data import prepare_corpus
 from minigpt.model import GPT, GPTConfig
-from minigpt.pretrain import EOT, pretrain_tokenizer, pretrained_dir, train_config
+from minigpt.pretrain import model_vocab_size, prepare_data, pretrained_dir, train_config
 from minigpt.profiles import Profile
 from minigpt.shards import ShardLoader
 from minigpt.train import Trainer
@@ -78,11 +77,8 @@ def compare_blocks(profile: Profile, steps: int, *, batch_size: int | None = Non
     unknown = sorted(set(names or ()) - set(table))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(table)}")
-    out = pretrained_dir(profile)
-    tok = pretrain_tokenizer(profile, out)
-    prepared = prepare_corpus(profile.corpus, tok.encoding.encode_ordinary_batch, tok.special_tokens[EOT],
-                              out / "shards")
-    vocab_size = max(tok.vocab_size, profile.vocab_size if profile.tokenizer == "gpt2" else 0)
+    tok, prepared = prepare_data(profile, pretrained_dir(profile))
+    vocab_size = model_vocab_size(profile, tok)
     cfg = train_config(dataclasses.replace(profile, batch_size=batch_size, total_batch_tokens=batch_size * profile.block_size),
                        max_steps=steps, warmup_steps=max(1, steps // 10), eval_interval=max(1, steps // evals),
                        sample_interval=0, checkpoint_interval=0, log_interval=1, seed=seed,

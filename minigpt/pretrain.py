@@ -75,7 +75,7 @@ def pretrain(profile: Profile, out_dir: str | os.PathLike, *, resume: bool = Tru
     tok, prepared = _prepare(profile, out, ddp)
     cfg = train_config(profile, ddp.world_size, **train_overrides)
     torch.manual_seed(cfg.seed)
-    vocab_size = max(tok.vocab_size, profile.vocab_size if profile.tokenizer == "gpt2" else 0)
+    vocab_size = model_vocab_size(profile, tok)
     model = GPT(GPTConfig.from_profile(profile, vocab_size=vocab_size))
     eot = tok.special_tokens[EOT]
 
@@ -124,14 +124,26 @@ def pretrained(profile: Profile, *, progress: bool = True) -> tuple[GPT, BPEToke
     return trainer.raw_model.eval(), pretrain_tokenizer(profile, out)
 
 
-def _prepare(profile: Profile, out: Path, ddp: Distributed) -> tuple[BPETokenizer, PreparedCorpus]:
-    """Rank 0 builds the tokenizer and shards while the other ranks wait, then they read them."""
-    if not ddp.is_main:
-        dist.barrier()
+def prepare_data(profile: Profile, out_dir: str | os.PathLike) -> tuple[BPETokenizer, PreparedCorpus]:
+    """The profile's tokenizer and token shards in ``out_dir`` (made once, then read)."""
+    out = Path(out_dir)
     tok = pretrain_tokenizer(profile, out)
     # Corpus text is ordinary text: a literal "<|endoftext|>" in it must not become the special token.
     prepared = prepare_corpus(profile.corpus, tok.encoding.encode_ordinary_batch, tok.special_tokens[EOT],
                               out / "shards")
+    return tok, prepared
+
+
+def model_vocab_size(profile: Profile, tokenizer: BPETokenizer) -> int:
+    """The model's vocabulary: the tokenizer's, or the profile's padded size for GPT-2's tokenizer."""
+    return max(tokenizer.vocab_size, profile.vocab_size if profile.tokenizer == "gpt2" else 0)
+
+
+def _prepare(profile: Profile, out: Path, ddp: Distributed) -> tuple[BPETokenizer, PreparedCorpus]:
+    """Rank 0 builds the tokenizer and shards while the other ranks wait, then they read them."""
+    if not ddp.is_main:
+        dist.barrier()
+    tok, prepared = prepare_data(profile, out)
     if ddp.is_main and ddp.world_size > 1:
         dist.barrier()
     return tok, prepared
