@@ -365,7 +365,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, last_only: bool = False,
-                return_attention: bool = False, prefix: torch.Tensor | None = None) -> tuple[Any, ...]:
+                return_attention: bool = False, prefix: torch.Tensor | None = None,
+                logits: bool = True) -> tuple[Any, ...]:
         """Next-token logits for every position of ``idx`` (B, T).
 
         * ``targets``: (B, T) next tokens; positions set to -100 are left out of the mean loss.
@@ -376,6 +377,9 @@ class GPT(nn.Module):
         * ``prefix``: (B, P, n_embd) input vectors read before ``idx``, as if they were token
           embeddings (image patches in chapter 11). They take the first P positions (and cache
           entries) but get no logits: logits and ``targets`` cover ``idx`` only.
+        * ``logits=False`` (with ``targets``): run the output head only at the positions whose
+          target counts and return ``(None, loss)``, the same loss for less work where most targets
+          are -100 (SFT's prompts). The selection's shape depends on the data: eager mode only.
 
         Returns ``(logits, loss)``, or ``(logits, loss, attentions)`` with ``return_attention``;
         ``loss`` is None without targets.
@@ -383,18 +387,23 @@ class GPT(nn.Module):
         x, attentions = self._trunk(idx, kv_cache, return_attention, prefix)
         if prefix is not None:
             x = x[:, prefix.size(1):]
+        if not logits:
+            if targets is None or last_only or return_attention:
+                raise ValueError("logits=False computes the loss alone: it needs targets, and neither last_only "
+                                 "nor return_attention")
+            keep = targets != -100
+            return None, F.cross_entropy(self.lm_head(x[keep]), targets[keep])
         if last_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(x)
+        out = self.lm_head(x)
         loss = None
         if targets is not None:
             if last_only:
                 raise ValueError("targets need logits at every position; drop last_only=True")
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100)
+            loss = F.cross_entropy(out.reshape(-1, out.size(-1)), targets.reshape(-1), ignore_index=-100)
         if return_attention:
-            return logits, loss, attentions
-        return logits, loss
+            return out, loss, attentions
+        return out, loss
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """The final hidden states (B, T, n_embd), after ``ln_f``: what the output head reads,

@@ -377,6 +377,7 @@ def sft_config(profile: Profile, *, lora: bool = False, **overrides: Any) -> Tra
                 eval_interval=s.eval_interval, eval_steps=4, log_interval=10,
                 checkpoint_interval=s.eval_interval, sample_interval=s.eval_interval,
                 dtype=profile.dtype, compile=profile.compile)
+    base["head_at_targets_only"] = not overrides.get("compile", base["compile"])  # answer tokens only
     return TrainConfig(**{**base, **overrides})
 
 

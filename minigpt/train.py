@@ -59,6 +59,10 @@ class TrainConfig:
     sample_interval: int = 0  # 0: never
     dtype: str = "float32"  # "bfloat16" autocasts on CUDA
     compile: bool = False
+    # The output head only where a target counts (a GPT's forward(logits=False)): SFT learns from a
+    # few answer tokens per row, and the head (a V x C matmul, a softmax over V) at every other
+    # position is a fifth of a step's work thrown away. Data-dependent shapes: not under compile.
+    head_at_targets_only: bool = False
     seed: int = 1337
     peak_flops: float = H100_BF16_PEAK_FLOPS  # for MFU on GPU
 
@@ -67,6 +71,9 @@ class TrainConfig:
             raise ValueError("max_steps and grad_accum must be at least 1")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.head_at_targets_only and self.compile:
+            raise ValueError("head_at_targets_only selects positions by their targets (a data-dependent shape), "
+                             "which torch.compile cannot trace as one graph; turn one of them off")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -141,6 +148,7 @@ class Trainer:
         if ddp.world_size > 1:
             wrapped = DDP(wrapped, device_ids=[ddp.local_rank] if self.device_type == "cuda" else None)
         self.model = wrapped
+        self._loss_kwargs = {"logits": False} if cfg.head_at_targets_only else {}
         self.step = 0
         #: One record per logged step (loss, lr, grad_norm, tokens_per_s; val_loss, sample at evaluations).
         self.history: list[dict[str, Any]] = []
@@ -167,7 +175,7 @@ class Trainer:
             last = micro == cfg.grad_accum - 1
             sync = nullcontext() if last or self.ddp.world_size == 1 else self.model.no_sync()
             with sync, self._autocast():
-                _, loss = self.model(x, y)
+                _, loss = self.model(x, y, **self._loss_kwargs)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
@@ -199,7 +207,7 @@ class Trainer:
         for _ in range(self.cfg.eval_steps):
             x, y = (t.to(self.device) for t in self.val_data.next_batch())
             with self._autocast():
-                _, loss = self.raw_model(x, y)
+                _, loss = self.raw_model(x, y, **self._loss_kwargs)
             total += loss
         val_loss = total / self.cfg.eval_steps
         if self.ddp.world_size > 1:

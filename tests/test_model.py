@@ -164,6 +164,47 @@ def test_loss_ignores_minus_100() -> None:
     assert abs(model(idx, targets)[1].item() - math.log(100)) < 0.2
 
 
+def test_head_at_targets_only_gives_the_same_loss_and_gradients() -> None:
+    """forward(logits=False) runs the output head only where a target counts (SFT's answers)."""
+    idx, targets = tokens(length=12), tokens(length=12, seed=2)
+    targets[:, :9] = -100
+    targets[1, 10] = -100
+    grads = []
+    for logits in (True, False):
+        model = small_gpt()
+        out, loss = model(idx, targets, logits=logits)
+        assert (out is None) != logits
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(ValueError, match="needs targets"):
+        small_gpt()(idx, logits=False)
+
+
+def test_trainer_with_head_at_targets_only_matches_the_full_head(tmp_path) -> None:
+    from minigpt.train import TrainConfig, Trainer
+
+    class Source:  # one fixed batch whose first half of every row is prompt (-100)
+        def __init__(self) -> None:
+            self.x, self.y = tokens(length=16), tokens(length=16, seed=2)
+            self.y[:, :8] = -100
+
+        def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.x, self.y
+
+        def reset(self) -> None:
+            pass
+
+    runs = []
+    for sparse in (False, True):
+        cfg = TrainConfig(max_steps=3, warmup_steps=1, eval_interval=0, head_at_targets_only=sparse)
+        trainer = Trainer(small_gpt().train(), cfg, Source(), Source())
+        runs.append([trainer.train_step()["loss"] for _ in range(3)] + [trainer.evaluate()["val_loss"]])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+    with pytest.raises(ValueError, match="torch.compile"):
+        TrainConfig(head_at_targets_only=True, compile=True)
+
+
 def test_module_shapes_and_kv_cache_layout() -> None:
     config = GPTConfig(**SMALL)  # type: ignore[arg-type]
     x = torch.randn(2, 5, 64)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import minigpt
 from minigpt.chat import Conversation, render_prompt, with_chat_tokens
 from minigpt.model import GPT, GPTConfig
-from minigpt.rlhf.core import end_token, pack, sequence_kl, token_logprobs
+from minigpt.rlhf.core import end_token, pack, prompt_ids, sequence_kl, token_logprobs
 from minigpt.rlhf.dpo import DPOConfig, dpo, dpo_loss, sequence_logprobs
 from minigpt.rlhf.grpo import GRPOConfig, group_advantages, grpo, k3_kl
 from minigpt.rlhf.ppo import PPOConfig, gae, ppo
@@ -77,6 +77,22 @@ def test_logprobs_of_one_forward_pass_equal_those_of_cached_generation(model, to
             stepwise.append(F.log_softmax(logits[0, -1], -1)[ids[0, t]])
             logits, _ = model(ids[:, t:t + 1], kv_cache=cache, last_only=True)
     torch.testing.assert_close(full, torch.stack(stepwise), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_logprobs_equal_the_full_ones_on_the_mask_with_their_gradients(model, tok):
+    convs = arithmetic(3, max_operand=20)
+    batch = pack(prompt_ids(convs, tok), [tok.encode("1 2"), tok.encode("3"), tok.encode("4 5 6")])
+    policy = copy.deepcopy(model)
+    full = token_logprobs(policy, batch.ids, 0.7)
+    masked = token_logprobs(policy, batch.ids, 0.7, batch.mask)
+    torch.testing.assert_close(masked[batch.mask], full[batch.mask])
+    assert (masked[~batch.mask] == 0).all()
+    grads = []
+    for lp in (full * batch.mask, masked):
+        policy.zero_grad()
+        lp.sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in policy.parameters()])
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_padding_changes_no_logprob_score_or_loss(model, tok):
@@ -216,7 +232,8 @@ def test_ci_dpo_pitfall_and_its_fix(ci, tmp_path):
     # The objective is met: the loss falls as the chosen answers pull ahead of the rejected...
     assert mean("loss", last) < mean("loss", first) and mean("rewards/margins", last) > mean("rewards/margins", first)
     # ...while the chosen (right) answers themselves lose probability, and the answers get worse.
-    assert mean("logps/chosen", last) < mean("logps/chosen", first) - 2
+    # (How much they lose depends on the seed: 0.6 to 4 nats over seeds 0-2.)
+    assert mean("logps/chosen", last) < mean("logps/chosen", first) - 0.5
     assert plain.summary["exact_match"] < plain.summary["exact_match_before"] - 0.2
     rpo = run_dpo(ci, tmp_path / "rpo").summary  # the profile's default: rpo_alpha=1
     assert rpo["exact_match"] >= rpo["exact_match_before"]

@@ -101,12 +101,22 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *
     return Packed(ids.to(device), mask.to(device), last.to(device))
 
 
-def token_logprobs(model: GPT, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(model: GPT, ids: torch.Tensor, temperature: float = 1.0,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """log p(ids[:, t + 1] | ids[:, :t + 1]) for every t, (B, T - 1), under ``logits / temperature``:
-    the distribution responses were sampled from, so ratios and KL compare like with like."""
-    logits, _ = model(ids)
-    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    the distribution responses were sampled from, so ratios and KL compare like with like.
+
+    With ``mask`` (B, T - 1) (a :class:`Packed` batch's), the output head runs at the masked
+    targets only and the rest is 0: every loss here reads response tokens alone, and the head at
+    the prompt's positions would be most of its cost."""
+    if mask is None:
+        logits, _ = model(ids)
+        logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+        return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    hidden = model.hidden(ids)[:, :-1][mask]
+    logp = F.log_softmax(model.lm_head(hidden).float() / temperature, dim=-1)
+    picked = logp.gather(-1, ids[:, 1:][mask][:, None]).squeeze(-1)
+    return torch.zeros(mask.shape, dtype=picked.dtype, device=ids.device).masked_scatter(mask, picked)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -139,9 +149,10 @@ def sequence_kl(policy: GPT, reference: GPT, prompts: Sequence[Sequence[int]], t
     batch = pack(prompts, responses, device=policy.transformer.wte.weight.device)
     was = policy.training, reference.training
     policy.eval(), reference.eval()
-    log_ratio = token_logprobs(policy, batch.ids) - token_logprobs(reference, batch.ids)
+    log_ratio = (token_logprobs(policy, batch.ids, mask=batch.mask)
+                 - token_logprobs(reference, batch.ids, mask=batch.mask))
     policy.train(was[0]), reference.train(was[1])
-    return float((log_ratio * batch.mask).sum(-1).mean())
+    return float(log_ratio.sum(-1).mean())
 
 
 class Stepper:

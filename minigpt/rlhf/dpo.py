@@ -56,7 +56,7 @@ def sequence_logprobs(model: GPT, pairs: Sequence[Pair]) -> tuple[torch.Tensor, 
     pass, and the number of tokens of each chosen answer."""
     device = model.transformer.wte.weight.device
     batch = pack([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], device=device)
-    sums = (token_logprobs(model, batch.ids) * batch.mask).sum(-1)
+    sums = token_logprobs(model, batch.ids, mask=batch.mask).sum(-1)
     n = len(pairs)
     return sums[:n], sums[n:], batch.mask[:n].sum(-1)
 

@@ -103,11 +103,13 @@ def grpo(policy: GPT, reference: GPT, tokenizer: BPETokenizer, prompts: Sequence
         advantages = group_advantages(rewards, cfg.advantage).view(-1, 1)
         batch = pack(prompts_g, responses, device=device)
         with torch.no_grad():
-            old = token_logprobs(policy, batch.ids, cfg.temperature)
-            ref = token_logprobs(reference, batch.ids, cfg.temperature)
+            ref = token_logprobs(reference, batch.ids, cfg.temperature, batch.mask)
+            # With one update per batch the policy has not moved before it: its own log-probs,
+            # detached, are the old ones, and a forward pass is saved.
+            old = token_logprobs(policy, batch.ids, cfg.temperature, batch.mask) if cfg.num_iterations > 1 else None
         for _ in range(cfg.num_iterations):
-            logprobs = token_logprobs(policy, batch.ids, cfg.temperature)
-            ratio = (logprobs - old).exp()
+            logprobs = token_logprobs(policy, batch.ids, cfg.temperature, batch.mask)
+            ratio = (logprobs - (logprobs.detach() if old is None else old)).exp()
             clipped = ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon)
             per_token = -torch.min(ratio * advantages, clipped * advantages)
             kl = k3_kl(logprobs, ref)

@@ -150,8 +150,8 @@ def _rollout(model: PolicyAndValue, reference: GPT, reward_model: RewardModel, t
     responses = sample_responses(model.policy, prompts, tokenizer, max_new_tokens=cfg.response_length,
                                  temperature=cfg.temperature, generator=gen)
     batch = pack(prompts, responses, device=device)
-    logprobs = token_logprobs(model.policy, batch.ids, cfg.temperature)
-    ref_logprobs = token_logprobs(reference, batch.ids, cfg.temperature)
+    logprobs = token_logprobs(model.policy, batch.ids, cfg.temperature, batch.mask)
+    ref_logprobs = token_logprobs(reference, batch.ids, cfg.temperature, batch.mask)
     values = model.critic.values(batch.ids)[:, :-1]
     scores = reward_model.score(batch)
     done = finished(tokenizer, responses).to(device)
@@ -186,7 +186,7 @@ def _update(model: PolicyAndValue, stepper: Stepper, r: _Rollout, cfg: PPOConfig
         for start in range(0, len(r.batch), size):
             idx = order[start:start + size]
             mb, mask = r.batch.rows(idx), r.batch.mask[idx]
-            new_logprobs = token_logprobs(model.policy, mb.ids, cfg.temperature)
+            new_logprobs = token_logprobs(model.policy, mb.ids, cfg.temperature, mask)
             log_ratio = new_logprobs - r.logprobs[idx]
             ratio = log_ratio.exp()
             adv = r.advantages[idx]
