@@ -10,13 +10,12 @@ TORCH_VERSION ?= 2.13.0
 setup: $(STAMP)
 
 # Install torch==$(TORCH_VERSION) first where none is present: a bare `torch` requirement would
-# otherwise pull a multi-GB CUDA build on a machine without one. --no-compile: pip would byte-compile
-# every file of every package (70 of the 160 s here); Python compiles the modules it imports anyway.
+# otherwise pull a multi-GB CUDA build on a machine without one.
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet --no-compile torch==$(TORCH_VERSION)
-	$(PYTHON) -m pip install --quiet --no-compile -e '.[data,vision,book,dev]'
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PYTHON) -m pip install --quiet -e '.[data,vision,book,dev]'
 	touch $(STAMP)
 
 # Unit, parity and outcome tests, and the book built at `ci` (which executes every chapter and
