@@ -298,8 +298,9 @@ class SFTSettings:
 #   it (minigpt.lora's rule now) the same setting reached 0.700 in 2,000 steps (val loss 0.25 and
 #   falling fast) and 0.930 in 3,000, within 1.4 points of full SFT with 4.8% of the parameters.
 #   (Those were `minigpt sft` runs, mostly on 1 thread. The book's 2-thread build of the chapter
-#   measured full SFT 0.912 in 3.2 minutes and LoRA 0.872 in 5.2: the last points move with the
-#   thread count.)
+#   measured full SFT 0.912 in 3.2 minutes and LoRA 0.872 in 5.2, and, once the loss ran the
+#   output head at the answer tokens only (the same loss, summed in another order), 0.870 and
+#   0.826: the last points move with the thread count and the rounding.)
 # * ci trains from random weights, where LoRA has little to adapt: 0.41 in 200 steps, 0.71 in 400.
 # Fine-tuning uses a learning rate like pretraining's: the task is new to the model, so there is
 # little pretrained knowledge to protect.
