@@ -10,6 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from minigpt.model import GPT, Block, CausalSelfAttention, GPTConfig, KVCache
+from minigpt.train import TrainConfig, Trainer
 
 SMALL = dict(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=64)
 
@@ -181,9 +182,7 @@ def test_head_at_targets_only_gives_the_same_loss_and_gradients() -> None:
         small_gpt()(idx, logits=False)
 
 
-def test_trainer_with_head_at_targets_only_matches_the_full_head(tmp_path) -> None:
-    from minigpt.train import TrainConfig, Trainer
-
+def test_trainer_with_head_at_targets_only_matches_the_full_head() -> None:
     class Source:  # one fixed batch whose first half of every row is prompt (-100)
         def __init__(self) -> None:
             self.x, self.y = tokens(length=16), tokens(length=16, seed=2)

@@ -181,6 +181,12 @@ def test_every_trainable_parameter_changes_after_one_step(model, tok):
     _, hist = grpo(policy, model, tok, convs, lambda c, text: float(len(text)),
                    GRPOConfig(steps=1, prompts_per_step=4, num_generations=4, max_completion_length=4))
     assert hist[0]["frac_reward_zero_std"] < 1 and _changed(before, policy) == []
+    # Two updates per batch (num_iterations=2) keep the old log-probs of the first: same samples,
+    # same first update, and a second one that moves every parameter further.
+    twice = copy.deepcopy(model)
+    grpo(twice, model, tok, convs, lambda c, text: float(len(text)),
+         GRPOConfig(steps=1, prompts_per_step=4, num_generations=4, max_completion_length=4, num_iterations=2))
+    assert _changed(snapshot(policy), twice) == []
 
     policy = copy.deepcopy(model)
     before, critic_init = snapshot(policy), RewardModel(model)
