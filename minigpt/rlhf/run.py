@@ -75,7 +75,8 @@ RLHF_SETTINGS: dict[str, RLHFSettings] = {
     "ci": RLHFSettings(sft_steps=120, n_test=None, pair_samples=4, pair_prompts=400, reward_steps=60,
                        reward_learning_rate=1e-3,
                        ppo=PPOConfig(steps=30, batch_size=64, learning_rate=1e-4, kl_coef=0.05, response_length=6),
-                       dpo=DPOConfig(steps=300, batch_size=32, learning_rate=5e-4, rpo_alpha=1.0),
+                       # 600 steps: at 300, held-out pair accuracy sat at 0.83-0.85 over seeds 0-2 (0.90-0.95 at 600)
+                       dpo=DPOConfig(steps=600, batch_size=32, learning_rate=5e-4, rpo_alpha=1.0),
                        grpo=GRPOConfig(steps=100, prompts_per_step=16, learning_rate=1e-4, max_completion_length=6)),
     "cpu": RLHFSettings(sft_steps=800, n_test=500, pair_samples=4, pair_prompts=2000, reward_steps=300,
                         reward_learning_rate=1e-3,
