@@ -108,14 +108,12 @@ def token_logprobs(model: GPT, ids: torch.Tensor, temperature: float = 1.0,
 
     With ``mask`` (B, T - 1) (a :class:`Packed` batch's), the output head runs at the masked
     targets only and the rest is 0: every loss here reads response tokens alone, and the head at
-    the prompt's positions would be most of its cost."""
+    the prompt's positions would be most of its cost. Without it, every target is computed."""
+    targets = ids[:, 1:]
     if mask is None:
-        logits, _ = model(ids)
-        logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-        return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    hidden = model.hidden(ids)[:, :-1][mask]
-    logp = F.log_softmax(model.lm_head(hidden).float() / temperature, dim=-1)
-    picked = logp.gather(-1, ids[:, 1:][mask][:, None]).squeeze(-1)
+        mask = torch.ones_like(targets, dtype=torch.bool)
+    logp = F.log_softmax(model.lm_head(model.hidden(ids)[:, :-1][mask]).float() / temperature, dim=-1)
+    picked = logp.gather(-1, targets[mask][:, None]).squeeze(-1)
     return torch.zeros(mask.shape, dtype=picked.dtype, device=ids.device).masked_scatter(mask, picked)
 
 
