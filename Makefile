@@ -10,12 +10,17 @@ TORCH_VERSION ?= 2.13.0
 setup: $(STAMP)
 
 # Install torch==$(TORCH_VERSION) first where none is present: a bare `torch` requirement would
-# otherwise pull a multi-GB CUDA build on a machine without one.
+# otherwise pull a multi-GB CUDA build on a machine without one. The ~190 other packages go in with
+# uv, which fetches and unpacks in parallel (2-core machine: 48 s against pip's 133 s, the same
+# versions); it compiles their bytecode because Python may be told not to write any at import
+# (PYTHONDONTWRITEBYTECODE), and then every kernel would compile torch again. pip if uv fails.
+EXTRAS := '.[data,vision,book,dev]'
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet --upgrade pip uv
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PYTHON) -m pip install --quiet -e '.[data,vision,book,dev]'
+	$(VENV)/bin/uv pip install --quiet --python $(PYTHON) --compile-bytecode -e $(EXTRAS) \
+		|| $(PYTHON) -m pip install --quiet -e $(EXTRAS)
 	touch $(STAMP)
 
 # Unit, parity and outcome tests, and the book built at `ci` (which executes every chapter and

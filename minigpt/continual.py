@@ -1,7 +1,7 @@
 """Continual learning: fine-tune on a new task, measure what the old one lost, and lose less.
 
-Task A is arithmetic: the SFT model every RLHF stage starts from
-(:func:`minigpt.rlhf.run.start_policy`, trained once per machine and cached). Task B is the
+Task A is arithmetic: chapter 5's fine-tuned model (:func:`minigpt.sft.finetuned`, trained once
+per machine and cached). Task B is the
 sentiment rule of the classification chapter asked as a question and answered in a word
 (:func:`minigpt.tasks.review_questions`): short, so it trains fast at every profile, and answered
 in words where A answers in digits. :func:`continual` fine-tunes the A
@@ -31,8 +31,8 @@ import torch
 from minigpt.lora import LoRALinear, TokenRows, trainable_fraction
 from minigpt.model import GPT
 from minigpt.profiles import Profile
-from minigpt.rlhf.run import problems, start_policy
-from minigpt.sft import SFTRun, sft, sft_settings
+from minigpt.rlhf.run import problems
+from minigpt.sft import SFTRun, finetuned, sft, sft_settings
 from minigpt.tasks import arithmetic, exact_match, review_questions
 
 __all__ = [
@@ -74,7 +74,7 @@ class ContinualSettings:
 #: Continual learning's settings for each profile.
 CONTINUAL_SETTINGS: dict[str, ContinualSettings] = {
     "ci": ContinualSettings(n_train_b=2000, batch_size=32, n_test_a=None, n_test_b=200, max_steps=60,
-                            learning_rate=3e-3, replay=0.5, lora_max_steps=60, lora_learning_rate=1e-2, lora_rank=4),
+                            learning_rate=3e-3, replay=0.5, lora_max_steps=200, lora_learning_rate=1e-2, lora_rank=4),
     "cpu": ContinualSettings(n_train_b=4000, batch_size=32, n_test_a=300, n_test_b=300, max_steps=150,
                              learning_rate=2e-3, replay=0.5, lora_max_steps=150, lora_learning_rate=1e-2, lora_rank=8),
     "gpu": ContinualSettings(n_train_b=20000, batch_size=64, n_test_a=1000, n_test_b=1000, max_steps=1000,
@@ -152,7 +152,8 @@ def continual(profile: Profile, out_dir: str | os.PathLike, *, methods: Sequence
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
     s = continual_settings(profile)
-    model_a, tok = start_policy(profile)
+    a_run = finetuned(profile)
+    model_a, tok = a_run.model.eval(), a_run.tokenizer
     a_train = arithmetic(None, split="train", seed=seed, max_operand=sft_settings(profile).max_operand)
     a_test = problems(profile, "test", s.n_test_a)
     b_train = review_questions(s.n_train_b, split="train", seed=seed)

@@ -104,7 +104,10 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + (self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        # y + scaling * (x A^T) B^T as one addmm: no separate scaled (tokens, out) tensor to add.
+        low = self.lora_dropout(x) @ self.lora_A.t()
+        return torch.addmm(y.reshape(-1, self.out_features), low.reshape(-1, self.r), self.lora_B.t(),
+                           alpha=self.scaling).view_as(y)
 
     @torch.no_grad()
     def merge(self) -> None:

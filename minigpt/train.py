@@ -1,6 +1,6 @@
 """The one training loop of the book: pretraining, SFT and the rest all run through :class:`Trainer`.
 
-It does what a GPT-2 scale run needs and nothing more: AdamW (fused on CUDA), linear warmup
+It does what a GPT-2 scale run needs and nothing more: AdamW (fused), linear warmup
 then cosine decay, gradient accumulation, gradient clipping, bf16 autocast on CUDA, optional
 ``torch.compile``, DDP under ``torchrun``, evaluation in nats and bits per byte, JSONL metrics,
 and checkpoints from which a killed run resumes onto the very same loss curve.
@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +95,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -
         {"params": [p for p, d in zip(params, decay) if d], "weight_decay": cfg.weight_decay},
         {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
     ]
+    # Fused: one kernel over every tensor instead of a loop of small ops per parameter, on CUDA and
+    # on the CPU alike (on a cpu SFT step the per-parameter loop took about 14 ms of 100).
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type == "cuda")
+                             fused=device_type in ("cuda", "cpu"))
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,9 @@ class Trainer:
         self.model = wrapped
         self._loss_kwargs = {"logits": False} if cfg.head_at_targets_only else {}
         self.step = 0
-        #: One record per logged step (loss, lr, grad_norm, tokens_per_s; val_loss, sample at evaluations).
+        self.train_seconds = 0.0  # time spent in train_step since step 0, across resumes
+        #: One record per logged step (loss, lr, grad_norm, tokens_per_s, train_seconds; val_loss,
+        #: sample at evaluations).
         self.history: list[dict[str, Any]] = []
 
     # -- one step -------------------------------------------------------------------------
@@ -188,9 +192,10 @@ class Trainer:
         loss_value = loss_mean.item()  # waits for the GPU, so the timing below is honest
         self.step += 1
         seconds = time.perf_counter() - start
+        self.train_seconds += seconds
         tokens_per_s = tokens * self.ddp.world_size / seconds
         record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens_per_s": tokens_per_s}
+                  "tokens_per_s": tokens_per_s, "train_seconds": self.train_seconds}
         if self.device_type == "cuda":
             flops = self.raw_model.flops_per_token() * tokens_per_s / self.ddp.world_size
             record["mfu"] = flops / cfg.peak_flops
@@ -220,12 +225,20 @@ class Trainer:
         return result
 
     # -- the loop --------------------------------------------------------------------------
-    def fit(self, progress: bool = True) -> list[dict[str, Any]]:
-        """Train until ``max_steps``, logging, evaluating, sampling and checkpointing on the way."""
+    def fit(self, progress: bool = True, *, stop_at: int | None = None,
+            keep_steps: Collection[int] = ()) -> list[dict[str, Any]]:
+        """Train until ``max_steps``, logging, evaluating, sampling and checkpointing on the way.
+
+        ``stop_at`` ends this call early, at that step of the same schedule, with a checkpoint: a
+        later ``fit`` resumes onto the very curve of a run that never stopped. At each of
+        ``keep_steps`` a copy of the checkpoint stays (:func:`kept_checkpoint_path`): a snapshot
+        of the run for another run to start from.
+        """
         cfg = self.cfg
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (progress and self.ddp.is_main),
+        end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
+        bar = tqdm(total=end, initial=self.step, disable=not (progress and self.ddp.is_main),
                    desc="training", unit="step")
-        while self.step < cfg.max_steps:
+        while self.step < end:
             record = self.train_step()
             done = self.step == cfg.max_steps
             if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or done):
@@ -236,9 +249,11 @@ class Trainer:
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", **(
                     {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-            if self.out_dir is not None and (done or (cfg.checkpoint_interval
-                                                      and self.step % cfg.checkpoint_interval == 0)):
+            if self.out_dir is not None and (self.step == end or (cfg.checkpoint_interval
+                                                                  and self.step % cfg.checkpoint_interval == 0)):
                 self.save()
+            if self.out_dir is not None and self.step in keep_steps:
+                self.save(kept_checkpoint_path(self.out_dir, self.step))
             bar.update(1)
         bar.close()
         return self.history
@@ -257,10 +272,11 @@ class Trainer:
             raise ValueError("this trainer has no out_dir to keep checkpoints in")
         return self.out_dir / "checkpoint.safetensors"
 
-    def save(self) -> None:
-        """Checkpoint to ``out_dir`` (rank 0 writes; all ranks share one data position)."""
+    def save(self, path: Path | None = None) -> None:
+        """Checkpoint to ``path`` (default :attr:`checkpoint_path`; rank 0 writes, all ranks
+        share one data position)."""
         if self.ddp.is_main:
-            save_checkpoint(self.checkpoint_path, self.raw_model, self.optimizer, step=self.step,
+            save_checkpoint(path or self.checkpoint_path, self.raw_model, self.optimizer, step=self.step,
                             train_config=dataclasses.asdict(self.cfg),
                             train_data=self.train_data.state_dict())
         if self.ddp.world_size > 1:
@@ -278,11 +294,17 @@ class Trainer:
         if metrics.exists():
             kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
             self.history = [json.loads(line) for line in kept]
+            self.train_seconds = self.history[-1].get("train_seconds", 0.0) if self.history else 0.0
             if self.ddp.is_main:
                 tmp = metrics.with_suffix(".tmp")
                 tmp.write_text("".join(line + "\n" for line in kept))
                 os.replace(tmp, metrics)
         return True
+
+
+def kept_checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
+    """Where :meth:`Trainer.fit` keeps the checkpoint of ``step`` (``keep_steps``) in ``out_dir``."""
+    return Path(out_dir) / f"checkpoint-step{step}.safetensors"
 
 
 def plot_history(history: list[dict[str, Any]], ax: Any = None) -> Any:

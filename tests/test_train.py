@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from minigpt.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.model import GPT, GPTConfig
 from minigpt.shards import ShardLoader, write_shard
-from minigpt.train import Distributed, TrainConfig, Trainer, lr_at
+from minigpt.train import Distributed, TrainConfig, Trainer, kept_checkpoint_path, lr_at
 
 CONFIG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -92,6 +92,32 @@ def test_resume_continues_the_same_loss_curve_bitwise(tmp_path):
     assert resumed.resume() and resumed.step == 6
     resumed.fit(progress=False)
     assert [r["loss"] for r in resumed.history] == straight
+
+
+def test_a_run_stopped_early_continues_bitwise_and_keeps_the_snapshot_asked_for(tmp_path):
+    """fit(stop_at=k) then fit() is the straight run, and keep_steps leaves step k's weights beside the last."""
+    shard = _shard(tmp_path)
+    cfg = TrainConfig(max_steps=12, warmup_steps=2, log_interval=1, eval_interval=0, checkpoint_interval=0)
+
+    def trainer(out):
+        torch.manual_seed(0)
+        return Trainer(_model(), cfg, ShardLoader([shard], 4, 16), out_dir=out)
+
+    straight = trainer(tmp_path / "a")
+    straight.fit(progress=False)
+    first = trainer(tmp_path / "b")
+    first.fit(progress=False, stop_at=5, keep_steps=(5,))
+    assert first.step == 5
+    at_5 = [p.detach().clone() for p in first.raw_model.parameters()]
+    later = trainer(tmp_path / "b")
+    assert later.resume() and later.step == 5
+    later.fit(progress=False, keep_steps=(5,))
+    assert [r["loss"] for r in later.history] == [r["loss"] for r in straight.history]
+    assert later.history[-1]["train_seconds"] > later.history[4]["train_seconds"] > 0
+    snapshot, state = load_checkpoint(kept_checkpoint_path(tmp_path / "b", 5))
+    assert state["step"] == 5
+    assert all(torch.equal(a, b) for a, b in zip(snapshot.parameters(), at_5, strict=True))
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")[1]["step"] == 12
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):

@@ -1,8 +1,9 @@
 """The RLHF stages as runs: per-profile settings, the starting policy, and what ``minigpt rlhf`` does.
 
-Every stage starts from the same policy: an SFT model on arithmetic that *stopped early*
-(:attr:`RLHFSettings.sft_steps`), so it has the chat format but not yet the skill, and RL has
-room to show an effect. It is trained on first use and cached, like the pretrained model.
+Every stage starts from the same policy: chapter 5's full fine-tuning on arithmetic
+(:func:`minigpt.sft.finetuned`) as it was at step :attr:`RLHFSettings.sft_steps`, early in its
+schedule, so it has the chat format but not yet the skill, and RL has room to show an effect.
+That run keeps this checkpoint; without it, the run is trained that far (and later continued).
 
 * ``reward``: sample the policy, label pairs with the rule (:func:`minigpt.tasks.even_digits`),
   train the reward model, report held-out pair accuracy, normalise on policy samples;
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -30,8 +30,7 @@ from typing import Any
 import torch
 
 from minigpt.chat import Conversation
-from minigpt.checkpoint import load_checkpoint, save_checkpoint
-from minigpt.data import cache_dir
+from minigpt.checkpoint import save_checkpoint
 from minigpt.model import GPT
 from minigpt.profiles import Profile
 from minigpt.rlhf.core import RewardFn, pack, prompt_ids, response_text, sample_responses, sequence_kl
@@ -47,19 +46,20 @@ from minigpt.rlhf.reward import (
     save_reward_model,
     train_reward_model,
 )
-from minigpt.sft import load_sft, sft, sft_settings
+from minigpt.sft import finetuned, finetuned_dir, load_sft, sft_settings
 from minigpt.tasks import arithmetic, correct, even_digits, exact_match
 from minigpt.tokenizer import BPETokenizer
+from minigpt.train import kept_checkpoint_path
 
 __all__ = ["RLHF_SETTINGS", "RLHFSettings", "Stage", "problems", "run_dpo", "run_grpo", "run_ppo", "run_reward",
-           "rlhf_settings", "start_policy", "start_policy_dir"]
+           "rlhf_settings", "start_policy"]
 
 
 @dataclass(frozen=True)
 class RLHFSettings:
     """Per-profile knobs of the stages (the model's size comes from the profile)."""
 
-    sft_steps: int  # the starting policy: SFT stopped here
+    sft_steps: int  # the starting policy: the full SFT run's checkpoint at this step (one it keeps)
     n_test: int | None  # held-out problems for exact match, KL and pair accuracy (None: all)
     pair_samples: int  # responses per prompt labelled to make a pair
     pair_prompts: int  # prompts turned into pairs (train split)
@@ -104,22 +104,16 @@ def problems(profile: Profile, split: str, n: int | None = None) -> list[Convers
     return found if n is None or n >= len(found) else random.Random(0).sample(found, n)
 
 
-def start_policy_dir(profile: Profile) -> Path:
-    """Where :func:`start_policy` keeps its SFT run: named by a hash of what shapes that model
-    (the profile, ``sft_steps`` and the full fine-tuning settings; LoRA's do not)."""
-    full_sft = {k: v for k, v in dataclasses.asdict(sft_settings(profile)).items() if not k.startswith("lora_")}
-    key = json.dumps([profile.name, rlhf_settings(profile).sft_steps, full_sft], sort_keys=True)
-    return cache_dir() / "rlhf-start" / f"{profile.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
 def start_policy(profile: Profile) -> tuple[GPT, BPETokenizer]:
     """The policy every stage starts from (see module docstring), trained on first use and cached."""
-    steps = rlhf_settings(profile).sft_steps
-    out = start_policy_dir(profile)
-    ckpt = out / "checkpoint.safetensors"
-    if not (ckpt.exists() and load_checkpoint(ckpt)[1]["step"] >= steps):
-        sft(profile, None, out, max_steps=steps, progress=False)
-    model, tok = load_sft(out)
+    steps, keep = rlhf_settings(profile).sft_steps, sft_settings(profile).keep_steps
+    if steps not in keep:
+        raise ValueError(f"RLHF starts from the full SFT run's checkpoint at step {steps}, but that run keeps "
+                         f"only {keep}; add {steps} to minigpt.sft.SFT_SETTINGS[{profile.name!r}].keep_steps")
+    out = finetuned_dir(profile)
+    if not kept_checkpoint_path(out, steps).exists():
+        finetuned(profile, stop_at=steps)
+    model, tok = load_sft(out, step=steps)
     return model.to(profile.device).eval(), tok
 
 
