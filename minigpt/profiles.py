@@ -52,9 +52,9 @@ PROFILES: dict[str, Profile] = {
         corpus_chars=2_000_000, vocab_size=2048,
         n_layer=4, n_head=4, n_embd=128, block_size=128,
         corpus="shakespeare", tokenizer="bpe", batch_size=16, total_batch_tokens=16 * 128,
-        # 2000 steps. At 1000 the whole book built in 23 minutes on 2 cores instead of about 28, but the
+        # 2000 steps. At 1000 the whole book built in 23 minutes on 2 cores instead of 27, but the
         # weaker model (held-out 4.87 nats against 4.63) cost the later chapters: sentiment macro F1
-        # 0.912 -> 0.780 (chapter 8), LoRA SFT 0.676 against full SFT's 0.926 (chapter 5).
+        # 0.780 against 0.925 (chapter 8), and LoRA ended 25 points behind full SFT (chapter 5).
         max_steps=2000, warmup_steps=100, learning_rate=2e-3, eval_interval=250,
     ),
     "gpu": Profile(

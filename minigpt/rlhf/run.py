@@ -1,8 +1,9 @@
 """The RLHF stages as runs: per-profile settings, the starting policy, and what ``minigpt rlhf`` does.
 
 Every stage starts from the same policy: chapter 5's full fine-tuning on arithmetic
-(:func:`minigpt.sft.finetuned`) as it was at step :attr:`RLHFSettings.sft_steps`, early in its
-schedule, so it has the chat format but not yet the skill, and RL has room to show an effect.
+(:func:`minigpt.sft.finetuned`) as it was at step :attr:`RLHFSettings.sft_steps`, part way through
+its schedule, so it has the chat format and part of the skill (0.45 exact match at ``cpu``), and RL
+has room to show an effect.
 That run keeps this checkpoint; without it, the run is trained that far (and later continued).
 
 * ``reward``: sample the policy, label pairs with the rule (:func:`minigpt.tasks.even_digits`),
