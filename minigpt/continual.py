@@ -1,6 +1,6 @@
 """Continual learning: fine-tune on a new task, measure what the old one lost, and lose less.
 
-Task A is arithmetic: chapter 5's fine-tuned model (:func:`minigpt.sft.finetuned`, trained once
+Task A is arithmetic: chapter 5's fine-tuned model (:func:`minigpt.sft.finetuned_model`, trained once
 per machine and cached). Task B is the
 sentiment rule of the classification chapter asked as a question and answered in a word
 (:func:`minigpt.tasks.review_questions`): short, so it trains fast at every profile, and answered
@@ -32,7 +32,7 @@ from minigpt.lora import LoRALinear, TokenRows, trainable_fraction
 from minigpt.model import GPT
 from minigpt.profiles import Profile
 from minigpt.rlhf.run import problems
-from minigpt.sft import SFTRun, finetuned, sft, sft_settings
+from minigpt.sft import SFTRun, finetuned_model, sft, sft_settings
 from minigpt.tasks import arithmetic, exact_match, review_questions
 
 __all__ = [
@@ -152,8 +152,7 @@ def continual(profile: Profile, out_dir: str | os.PathLike, *, methods: Sequence
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
     s = continual_settings(profile)
-    a_run = finetuned(profile)
-    model_a, tok = a_run.model.eval(), a_run.tokenizer
+    model_a, tok = finetuned_model(profile)
     a_train = arithmetic(None, split="train", seed=seed, max_operand=sft_settings(profile).max_operand)
     a_test = problems(profile, "test", s.n_test_a)
     b_train = review_questions(s.n_train_b, split="train", seed=seed)

@@ -72,6 +72,7 @@ __all__ = [
     "TASK_CHOICES",
     "finetuned",
     "finetuned_dir",
+    "finetuned_model",
     "load_base",
     "load_sft",
     "lora_settings",
@@ -526,6 +527,18 @@ def finetuned(profile: Profile, *, stop_at: int | None = None) -> SFTRun:
     """
     return sft(profile, None, finetuned_dir(profile), progress=False, stop_at=stop_at,
                keep_steps=sft_settings(profile).keep_steps)
+
+
+def finetuned_model(profile: Profile, *, step: int | None = None) -> tuple[GPT, BPETokenizer]:
+    """The model (in eval mode) and chat tokenizer of :func:`finetuned`'s run, at its end or at a
+    kept ``step``: trained on first use (only as far as ``step``), later only loaded, without the
+    exact-match measurement :func:`finetuned` makes."""
+    out = finetuned_dir(profile)
+    path = out / "checkpoint.safetensors" if step is None else kept_checkpoint_path(out, step)
+    if not (path.exists() and (step is not None or load_checkpoint(path)[1]["step"] >= sft_settings(profile).max_steps)):
+        finetuned(profile, stop_at=step)
+    model, tok = load_sft(out, step=step)
+    return model.to(profile.device).eval(), tok
 
 
 def load_sft(out_dir: str | os.PathLike, *, step: int | None = None) -> tuple[GPT, BPETokenizer]:

@@ -47,10 +47,9 @@ from minigpt.rlhf.reward import (
     save_reward_model,
     train_reward_model,
 )
-from minigpt.sft import finetuned, finetuned_dir, load_sft, sft_settings
+from minigpt.sft import finetuned_model, sft_settings
 from minigpt.tasks import arithmetic, correct, even_digits, exact_match
 from minigpt.tokenizer import BPETokenizer
-from minigpt.train import kept_checkpoint_path
 
 __all__ = ["RLHF_SETTINGS", "RLHFSettings", "Stage", "problems", "run_dpo", "run_grpo", "run_ppo", "run_reward",
            "rlhf_settings", "start_policy"]
@@ -111,11 +110,7 @@ def start_policy(profile: Profile) -> tuple[GPT, BPETokenizer]:
     if steps not in keep:
         raise ValueError(f"RLHF starts from the full SFT run's checkpoint at step {steps}, but that run keeps "
                          f"only {keep}; add {steps} to minigpt.sft.SFT_SETTINGS[{profile.name!r}].keep_steps")
-    out = finetuned_dir(profile)
-    if not kept_checkpoint_path(out, steps).exists():
-        finetuned(profile, stop_at=steps)
-    model, tok = load_sft(out, step=steps)
-    return model.to(profile.device).eval(), tok
+    return finetuned_model(profile, step=steps)
 
 
 def _write(out: Path, policy: GPT, tok: BPETokenizer, stage: str, history: list[dict[str, Any]],
