@@ -314,7 +314,9 @@ class SFTSettings:
 #   0.826: the last points move with the thread count and the rounding.) In 2,000 steps LoRA reached
 #   0.740 (1 thread; 0.074 at learning rate 2e-2, which stalls). From the 1,000-step base model:
 #   0.676 in 2,000 steps (full SFT 0.926), 0.532 in 3,000 steps of 48, and LoRA+ (B's learning rate
-#   4x or 8x A's, Hayou et al. 2024) stalled at 0.004 and 0.034.
+#   4x or 8x A's, Hayou et al. 2024) stalled at 0.004 and 0.034. The book's cpu LoRA runs 2,500
+#   steps, so that `make book` fits in 25 minutes: 0.788 against full SFT's 0.962 in that build
+#   (3,000 steps gave 0.750 in the build before; the last points of this run are chaotic).
 # * ci trains from random weights, where LoRA has little to adapt: 0.41 in 200 steps, 0.71 in 400.
 # Fine-tuning uses a learning rate like pretraining's: the task is new to the model, so there is
 # little pretrained knowledge to protect.
