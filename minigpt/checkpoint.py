@@ -120,6 +120,12 @@ def checkpoint_config(path: str | os.PathLike) -> GPTConfig:
     return GPTConfig(**_open(Path(path), tensors=False)[1]["config"])
 
 
+def checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The training state stored in a checkpoint (step, loader position, ...), read from its
+    header without loading tensors: enough to tell a finished run from an interrupted one."""
+    return _open(Path(path), tensors=False)[1]["state"]
+
+
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, *,
                     restore_rng: bool = False) -> tuple[GPT, dict[str, Any]]:

@@ -54,7 +54,7 @@ from minigpt.chat import (
     render,
     with_chat_tokens,
 )
-from minigpt.checkpoint import checkpoint_config, load_checkpoint
+from minigpt.checkpoint import checkpoint_config, checkpoint_state, load_checkpoint
 from minigpt.data import cache_dir
 from minigpt.lora import DEFAULT_TARGETS, apply_lora, save_lora, trainable_fraction
 from minigpt.model import GPT, GPTConfig
@@ -536,8 +536,12 @@ def finetuned_model(profile: Profile, *, step: int | None = None) -> tuple[GPT, 
     kept ``step``: trained on first use (only as far as ``step``), later only loaded, without the
     exact-match measurement :func:`finetuned` makes."""
     out = finetuned_dir(profile)
-    path = out / "checkpoint.safetensors" if step is None else kept_checkpoint_path(out, step)
-    if not (path.exists() and (step is not None or load_checkpoint(path)[1]["step"] >= sft_settings(profile).max_steps)):
+    if step is not None:
+        ready = kept_checkpoint_path(out, step).exists()
+    else:  # the last checkpoint may be that of a run stopped early (stop_at) or killed
+        last = out / "checkpoint.safetensors"
+        ready = last.exists() and checkpoint_state(last)["step"] >= sft_settings(profile).max_steps
+    if not ready:
         finetuned(profile, stop_at=step)
     model, tok = load_sft(out, step=step)
     return model.to(profile.device).eval(), tok

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from minigpt.checkpoint import load_checkpoint, save_checkpoint
+from minigpt.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from minigpt.model import GPT, GPTConfig
 from minigpt.shards import ShardLoader, write_shard
 from minigpt.train import Distributed, TrainConfig, Trainer, kept_checkpoint_path, lr_at
@@ -126,7 +126,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     trainer.train_step()
     path = save_checkpoint(tmp_path / "ck.safetensors", model, trainer.optimizer, step=1)
     loaded, state = load_checkpoint(path)
-    assert state == {"step": 1}
+    assert state == {"step": 1} == checkpoint_state(path)  # the header alone holds the state
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tying survives
