@@ -38,7 +38,9 @@ test-colab: $(STAMP)
 
 # Execute the chapters at the `cpu` profile and render the book to _build/html, offline. Warnings
 # are errors (-W; --keep-going reports them all) and every cross-reference must resolve (-n).
+# book/stale.py first drops the cached execution of each chapter whose package code changed.
 book: $(STAMP)
+	$(PYTHON) book/stale.py
 	MINIGPT_PROFILE=cpu $(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "Open _build/html/index.html"
 

@@ -15,6 +15,7 @@ import statistics
 
 import minigpt
 from minigpt.blocks import compare_blocks, format_table
+from minigpt.recipe import override
 
 
 def main() -> None:
@@ -24,13 +25,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
     args = parser.parse_args()
-    profile = minigpt.profile(args.profile)
-    tokens = args.steps * args.batch_size * profile.block_size
-    print(f"{profile.name}: {args.steps} steps of {args.batch_size} x {profile.block_size} tokens "
+    recipe = minigpt.recipe(args.profile, {"blocks.steps": args.steps, "blocks.batch_size": args.batch_size})
+    block = recipe.model.block_size
+    tokens = args.steps * args.batch_size * block
+    print(f"{recipe.name}: {args.steps} steps of {args.batch_size} x {block} tokens "
           f"({tokens / 1e6:.2f}M tokens per variant), seeds {args.seeds}")
     gaps: dict[str, list[float]] = {}
     for seed in args.seeds:
-        runs = compare_blocks(profile, args.steps, batch_size=args.batch_size, evals=4, seed=seed)
+        runs = compare_blocks(override(recipe, {"seed": seed}), evals=4)
         print(f"\nseed {seed}\n{format_table(runs)}", flush=True)
         for r in runs[1:]:
             gaps.setdefault(r.name, []).append(r.val_loss - runs[0].val_loss)

@@ -1,6 +1,6 @@
 """minigpt: the package behind the book that builds a small ChatGPT step by step."""
 
-from minigpt.profiles import PROFILES, Profile, profile
+from minigpt.recipe import RECIPES, Recipe, recipe
 
-__all__ = ["PROFILES", "Profile", "profile"]
+__all__ = ["RECIPES", "Recipe", "recipe"]
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 Each variant is the same :class:`~minigpt.model.GPT` with some of its four switches turned
 (``norm``, ``mlp``, ``position``, ``n_kv_head``), trained from the same seed for the same steps
-on the same batches (the profile's corpus, read in order by a fresh
+on the same batches (the recipe's corpus, read in order by a fresh
 :class:`~minigpt.shards.ShardLoader`), with the same optimiser settings, and evaluated on the
 same validation batches. Parameters and FLOPs per token are reported next to the losses, so
 "equal compute" can be checked rather than assumed: SwiGLU's hidden width keeps the MLP within
@@ -12,7 +12,6 @@ key/value weights (that is its point).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +19,11 @@ from typing import Any
 import torch
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.pretrain import model_vocab_size, prepare_data, pretrained_dir, train_config
-from minigpt.profiles import Profile
+from minigpt.pretrain import model_vocab_size, prepare_data
+from minigpt.recipe import Recipe
+from minigpt.runs import find_or_make
 from minigpt.shards import ShardLoader
-from minigpt.train import Trainer
+from minigpt.train import TrainConfig, Trainer
 
 
 def variants(n_head: int) -> dict[str, dict[str, Any]]:
@@ -56,41 +56,40 @@ class BlockRun:
     train_history: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss)
 
 
-def compare_blocks(profile: Profile, steps: int, *, batch_size: int | None = None,
-                   names: list[str] | None = None, evals: int = 2, seed: int = 1337,
+def compare_blocks(recipe: Recipe, *, names: list[str] | None = None, evals: int = 2,
                    progress: bool = False, **train_overrides: Any) -> list[BlockRun]:
-    """Train every variant of :func:`variants` (or those in ``names``) for ``steps`` steps of
-    ``batch_size`` sequences (default the profile's) of ``block_size`` tokens, at ``profile``'s
-    model size on its corpus; return one :class:`BlockRun` per variant, GPT-2 first.
+    """Train every variant of :func:`variants` (or those in ``names``) for ``recipe.blocks.steps``
+    steps of ``recipe.blocks.batch_size`` sequences of ``block_size`` tokens, at the recipe's
+    model shape on its corpus; return one :class:`BlockRun` per variant, GPT-2 first.
 
-    The tokenizer and shards are those of :func:`minigpt.pretrain.pretrained_dir` (made once,
+    The tokenizer and shards are those of the recipe's pretraining run (made once,
     shared with chapter 4). The learning rate warms up over a tenth of the steps, then decays;
     validation runs ``evals`` times, evenly spaced, on the same batches for every variant.
-    ``train_overrides`` (``learning_rate=...``) go to :func:`minigpt.pretrain.train_config`.
+    ``train_overrides`` (``learning_rate=...``) are :class:`~minigpt.train.TrainConfig` fields.
     """
-    batch_size = batch_size or profile.batch_size
+    steps, batch_size, block_size = recipe.blocks.steps, recipe.blocks.batch_size, recipe.model.block_size
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps={steps} and batch_size={batch_size} must be at least 1")
+        raise ValueError(f"blocks.steps={steps} and blocks.batch_size={batch_size} must be at least 1")
     if not 1 <= evals <= steps:
         raise ValueError(f"evals={evals} must be between 1 and steps={steps}")
-    table = variants(profile.n_head)
+    table = variants(recipe.model.n_head)
     unknown = sorted(set(names or ()) - set(table))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(table)}")
-    tok, prepared = prepare_data(profile, pretrained_dir(profile))
-    vocab_size = model_vocab_size(profile, tok)
-    cfg = train_config(dataclasses.replace(profile, batch_size=batch_size, total_batch_tokens=batch_size * profile.block_size),
-                       max_steps=steps, warmup_steps=max(1, steps // 10), eval_interval=max(1, steps // evals),
-                       sample_interval=0, checkpoint_interval=0, log_interval=1, seed=seed,
-                       **train_overrides)
+    tok, prepared = prepare_data(recipe, find_or_make(recipe, "pretrain"))
+    vocab_size = model_vocab_size(recipe, tok)
+    cfg = TrainConfig.from_recipe(recipe, **{**dict(
+        max_steps=steps, learning_rate=recipe.pretrain.learning_rate, warmup_steps=max(1, steps // 10),
+        eval_interval=max(1, steps // evals), sample_interval=0, checkpoint_interval=0, log_interval=1),
+        **train_overrides})
     runs = []
     for name in names or table:
         overrides = table[name]
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig.from_profile(profile, vocab_size=vocab_size, **overrides))
+        torch.manual_seed(cfg.seed)
+        model = GPT(GPTConfig.from_recipe(recipe, vocab_size=vocab_size, **overrides))
         c = model.config
-        loaders = [ShardLoader(split, batch_size, profile.block_size) for split in (prepared.train, prepared.val)]
-        trainer = Trainer(model, cfg, *loaders, device=profile.device)
+        loaders = [ShardLoader(split, batch_size, block_size) for split in (prepared.train, prepared.val)]
+        trainer = Trainer(model, cfg, *loaders, device=recipe.device)
         start = time.perf_counter()
         history = trainer.fit(progress=progress)
         seconds = time.perf_counter() - start

@@ -10,7 +10,7 @@ Two heads read the trunk's final hidden states (:meth:`minigpt.model.GPT.hidden`
   ``-100`` wherever nothing is to be learned: padding, and every token of a word but its last
   (:func:`encode_tagged`), so each *word* counts once and its tag is read where the model has
   seen all of it. A causal model sees only the words to the left, which is why
-  :func:`minigpt.tasks.entity_tags` lets the left context decide every tag.
+  :func:`minigpt.tasks.data.entity_tags` lets the left context decide every tag.
 
 Both return ``(logits, loss)`` from ``forward(idx, targets)`` as :class:`~minigpt.model.GPT`
 does, so :func:`fine_tune` trains them with the book's one :class:`~minigpt.train.Trainer`
@@ -40,19 +40,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minigpt.lora import apply_lora, trainable_fraction
-from minigpt.model import GPT
-from minigpt.pretrain import EOT, pretrained
-from minigpt.profiles import Profile
+from minigpt.model import GPT, evaluating
+from minigpt.pretrain import EOT
+from minigpt.recipe import Recipe
+from minigpt.runs import trained
 from minigpt.tasks import ENTITY_TAGS, SENTIMENTS, Labeled, Tagged, entity_tags, reviews
 from minigpt.tokenizer import BPETokenizer
 from minigpt.train import TrainConfig, Trainer
 
 __all__ = [
-    "CLASSIFY_SETTINGS",
     "ClassStats",
     "Classifier",
     "ClassifyRun",
-    "ClassifySettings",
     "ClassificationSource",
     "Mode",
     "Report",
@@ -61,7 +60,6 @@ __all__ = [
     "TokenClassifier",
     "classification_report",
     "classify",
-    "classify_settings",
     "confusion_matrix",
     "encode_labeled",
     "encode_tagged",
@@ -166,7 +164,7 @@ def encode_labeled(tokenizer: BPETokenizer, examples: Sequence[Labeled], block_s
 
 def encode_tagged(tokenizer: BPETokenizer, examples: Sequence[Tagged], block_size: int) -> list[Row]:
     """Tagged words -> ``(ids, targets)`` rows: each word is encoded on its own (with the space
-    before it, as :attr:`~minigpt.tasks.Tagged.text` writes it), its tag is the target of its last
+    before it, as :attr:`~minigpt.tasks.data.Tagged.text` writes it), its tag is the target of its last
     token and -100 that of the others, so every word counts once."""
     rows: list[Row] = []
     for i, ex in enumerate(examples):
@@ -265,18 +263,16 @@ def fine_tune(model: Classifier, train: ClassificationSource, cfg: TrainConfig, 
 def predict(model: Classifier, source: ClassificationSource) -> tuple[list[int], list[int]]:
     """The true and the predicted class of every example (every target that is not -100, for a
     token classifier), over one pass of ``source`` in order."""
-    was = model.training
-    model.eval()
     device = model.head.weight.device
     true: list[int] = []
     pred: list[int] = []
-    for x, y in source.batches():
-        logits, _ = model(x.to(device))
-        guess = logits.argmax(-1).cpu()
-        keep = y != -100
-        true += y[keep].tolist()
-        pred += guess[keep].tolist()
-    model.train(was)
+    with evaluating(model):
+        for x, y in source.batches():
+            logits, _ = model(x.to(device))
+            guess = logits.argmax(-1).cpu()
+            keep = y != -100
+            true += y[keep].tolist()
+            pred += guess[keep].tolist()
     return true, pred
 
 
@@ -381,53 +377,6 @@ def majority_class(y_train: Sequence[int]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ClassifySettings:
-    """Classification's own knobs per profile (the model's size comes from the profile)."""
-
-    n_train: int
-    n_test: int
-    max_steps: int
-    batch_size: int
-    learning_rate: float  # full fine-tuning
-    head_learning_rate: float  # a frozen trunk: only the head moves, so it takes larger steps
-    lora_learning_rate: float
-    lora_rank: int
-    warmup_steps: int
-
-
-# Measured on 2 CPU cores, macro F1 on the held-out split (majority baseline 0.19 and 0.18):
-# * cpu, sentiment: 150 steps of full fine-tuning reach 0.89 at learning rate 1e-3 and 0.91 at 2e-3
-#   (300 steps: 0.99); LoRA 0.78 at 5e-3 and 0.68 at 1e-2 (300 steps: 0.98); the head alone 0.36
-#   (300 steps: 0.32): the frozen features do not hold the rule. Entities: full and LoRA 1.00 in
-#   150 steps, the head alone 0.87.
-# * ci (a 100-step pretrained model): sentiment stays at the baseline for 60 steps, reaches 0.40-0.42
-#   in 100 or stays at the baseline (by learning rate and warmup: a knife edge), and 0.55 in 150;
-#   from random weights the same. Entities: 0.76 in 60 steps, 0.96 in 150.
-#: Classification's settings for each profile.
-CLASSIFY_SETTINGS: dict[str, ClassifySettings] = {
-    "ci": ClassifySettings(n_train=2000, n_test=300, max_steps=150, batch_size=32,
-                           learning_rate=3e-3, head_learning_rate=1e-2, lora_learning_rate=1e-2, lora_rank=4,
-                           warmup_steps=10),
-    "cpu": ClassifySettings(n_train=4000, n_test=500, max_steps=150, batch_size=32,
-                            learning_rate=2e-3, head_learning_rate=1e-2, lora_learning_rate=5e-3, lora_rank=4,
-                            warmup_steps=20),
-    "gpu": ClassifySettings(n_train=20000, n_test=2000, max_steps=1000, batch_size=64,
-                            learning_rate=3e-4, head_learning_rate=1e-2, lora_learning_rate=3e-3, lora_rank=8,
-                            warmup_steps=50),
-    "full": ClassifySettings(n_train=20000, n_test=2000, max_steps=1000, batch_size=64,
-                             learning_rate=1e-4, head_learning_rate=1e-2, lora_learning_rate=1e-3, lora_rank=16,
-                             warmup_steps=50),
-}
-
-
-def classify_settings(profile: Profile) -> ClassifySettings:
-    if profile.name not in CLASSIFY_SETTINGS:
-        raise ValueError(f"no classification settings for profile {profile.name!r}; "
-                         "add them to minigpt.classify.CLASSIFY_SETTINGS")
-    return CLASSIFY_SETTINGS[profile.name]
-
-
 #: The offline classification tasks: name -> (kind, class names).
 TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sentiment": ("sequence", SENTIMENTS),
@@ -451,24 +400,27 @@ class ClassifyRun:
         return self.trainer.history
 
 
-def classify(profile: Profile, task: str, mode: Mode = "full", *, base: GPT | None = None,
-             tokenizer: BPETokenizer | None = None, seed: int = 0, progress: bool = True,
+def classify(recipe: Recipe, task: str, mode: Mode = "full", *, base: GPT | None = None,
+             tokenizer: BPETokenizer | None = None, progress: bool = True,
              **train_overrides: Any) -> ClassifyRun:
-    """Fine-tune a classifier for ``task`` (:data:`TASKS`) from ``base`` (default: the profile's
-    pretrained model, :func:`minigpt.pretrain.pretrained`) and report it on the held-out split against the majority
-    class. ``train_overrides`` are :class:`~minigpt.train.TrainConfig` fields."""
+    """Fine-tune a classifier for ``task`` (:data:`TASKS`) with ``recipe.classify`` from ``base``
+    (default: the recipe's pretraining run, :func:`minigpt.runs.trained`) and report it on
+    the held-out split against the majority class. ``train_overrides`` are
+    :class:`~minigpt.train.TrainConfig` fields."""
     if task not in TASKS:
         raise ValueError(f"unknown classification task {task!r}; choose one of {', '.join(TASKS)}")
-    s = classify_settings(profile)
+    s, seed = recipe.classify, recipe.seed
     if base is None:
-        base, tokenizer = pretrained(profile, progress=False)
+        base, tokenizer = trained(recipe, "pretrain")
     if tokenizer is None:
         raise ValueError("pass the tokenizer the base model was trained with: classify(..., tokenizer=...)")
     kind, labels = TASKS[task]
     block = base.config.block_size
     if kind == "sequence":
-        train_rows = encode_labeled(tokenizer, reviews(s.n_train, split="train", seed=seed), block)
-        test_rows = encode_labeled(tokenizer, reviews(s.n_test, split="test", seed=seed), block)
+        train_rows = encode_labeled(tokenizer, reviews(s.n_train, split="train", seed=seed, max_clauses=s.max_clauses),
+                                    block)
+        test_rows = encode_labeled(tokenizer, reviews(s.n_test, split="test", seed=seed, max_clauses=s.max_clauses),
+                                   block)
     else:
         train_rows = encode_tagged(tokenizer, entity_tags(s.n_train, split="train", seed=seed), block)
         test_rows = encode_tagged(tokenizer, entity_tags(s.n_test, split="test", seed=seed), block)
@@ -477,12 +429,12 @@ def classify(profile: Profile, task: str, mode: Mode = "full", *, base: GPT | No
     model = SequenceClassifier(base, labels, pad) if kind == "sequence" else TokenClassifier(base, labels)
     prepare(model, mode, lora_rank=s.lora_rank)
     lr = {"full": s.learning_rate, "head": s.head_learning_rate, "lora": s.lora_learning_rate}[mode]
-    cfg = TrainConfig(**{**dict(max_steps=s.max_steps, learning_rate=lr, warmup_steps=s.warmup_steps,
-                                eval_interval=0, log_interval=10, checkpoint_interval=0, seed=seed,
-                                dtype=profile.dtype, compile=False), **train_overrides})
+    cfg = TrainConfig.from_recipe(recipe, **{**dict(max_steps=s.steps, learning_rate=lr, warmup_steps=s.warmup_steps,
+                                                    eval_interval=0, log_interval=10, checkpoint_interval=0,
+                                                    compile=False), **train_overrides})
     train = ClassificationSource(train_rows, s.batch_size, pad, seed=seed)
     test = ClassificationSource(test_rows, 256, pad, shuffle=False)
-    trainer = fine_tune(model, train, cfg, device=profile.device, progress=progress)
+    trainer = fine_tune(model, train, cfg, device=recipe.device, progress=progress)
     y_true, y_pred = predict(model, test)
     train_labels = [t for _, y in train_rows for t in (y if isinstance(y, list) else [y]) if t != -100]
     majority = majority_class(train_labels)

@@ -1,4 +1,9 @@
-"""The ``minigpt`` command line: each chapter's step as a command, with the same names."""
+"""The ``minigpt`` command line: each chapter's step as a command, with the same names.
+
+Every command reads the recipe named by ``--profile`` and takes any of its fields by dotted path
+(``--sft.steps 800``, ``--rlhf.ppo.kl_coef=0.2``); ``--train.FIELD`` sets a field of the stage's
+:class:`~minigpt.train.TrainConfig` that the recipe does not hold (``--train.sample_interval 0``).
+"""
 
 from __future__ import annotations
 
@@ -7,27 +12,78 @@ import dataclasses
 import os
 import sys
 import time
+import typing
 from collections.abc import Sequence
+from typing import Any
 
-from minigpt.profiles import profile
+from minigpt.recipe import Recipe, flatten, parse_value, recipe
+
+#: The recipe's own fields, given as --seed 2 (every other field has a dot: --sft.steps 800).
+TOP_LEVEL = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "name" and f.type in ("str", "bool", "int"))
 
 
-def _cmd_profile(args: argparse.Namespace) -> None:
-    for field, value in dataclasses.asdict(profile(args.profile)).items():
-        print(f"{field:>14} = {value}")
+def split_overrides(argv: Sequence[str], top: Sequence[str] = TOP_LEVEL) -> tuple[list[str], dict[str, str]]:
+    """``argv`` without its recipe options (``--a.b VALUE`` or ``--a.b=VALUE``, and ``--seed``,
+    ``--device`` ... of ``top``), and those options as ``{"a.b": "VALUE"}``."""
+    rest, found = [], {}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if not (arg.startswith("--") and ("." in name or name in top)):
+            rest.append(arg)
+            continue
+        if "=" in arg:
+            found[name] = arg.split("=", 1)[1]
+        elif args:
+            found[name] = args.pop(0)
+        else:
+            raise ValueError(f"--{name} needs a value, such as --{name}=VALUE")
+    return rest, found
+
+
+def _recipe_and_train(args: argparse.Namespace) -> tuple[Recipe, dict[str, Any]]:
+    """The recipe in force (``--profile`` and the dotted overrides) and the ``--train.*`` fields."""
+    from minigpt.train import TrainConfig
+
+    given = dict(args.overrides)
+    train = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith("train.")}
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(train) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown --train.{unknown[0]}; TrainConfig's fields are {', '.join(hints)}")
+    parsed = {k: parse_value(v, hints[k], f"train.{k}") for k, v in train.items()}
+    return recipe(args.profile, {k: v for k, v in given.items() if not k.startswith("train.")}), parsed
+
+
+def _print_recipe(r: Recipe, parts: Sequence[str], train: dict[str, Any] | None = None) -> None:
+    """The settings a command runs with: the recipe's top-level fields and the ``parts`` it reads."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    top = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if not dataclasses.is_dataclass(getattr(r, f.name))}
+    rows = [*top.items(), *(row for part in parts for row in flatten(getattr(r, part), f"{part}."))]
+    rows += [(f"train.{k}", v) for k, v in (train or {}).items()]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:>{width}} = {value}")
+
+
+def _cmd_recipe(args: argparse.Namespace) -> None:
+    r, _ = _recipe_and_train(args)
+    _print_recipe(r, [f.name for f in dataclasses.fields(r) if dataclasses.is_dataclass(getattr(r, f.name))])
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from minigpt.data import shakespeare_text
     from minigpt.tokenizer import train_bpe
 
-    p = profile(args.profile)
+    r, _ = _recipe_and_train(args)
     if args.input:
         with open(args.input, encoding="utf-8") as f:
             text = f.read()
     else:
-        text = shakespeare_text(args.max_chars or p.corpus_chars)
-    vocab_size = args.vocab_size or p.vocab_size
+        text = shakespeare_text(r.tokenizer.corpus_chars)
+    vocab_size = r.tokenizer.vocab_size
     start = time.perf_counter()
     tok = train_bpe(text, vocab_size, special_tokens=args.special, progress=True)
     elapsed = time.perf_counter() - start
@@ -46,32 +102,12 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> None:
     print(" | ".join(tok.decode([i]) for i in ids))
 
 
-_TYPES = {"int": int, "float": float, "str": str,
-          "bool": lambda v: {"true": True, "1": True, "false": False, "0": False}[v.lower()]}
-
-
-def _setting_fields() -> tuple[list[dataclasses.Field], list[dataclasses.Field]]:
-    """Profile fields, then TrainConfig fields the profile does not already set."""
-    from minigpt.profiles import Profile
-    from minigpt.train import TrainConfig
-
-    prof = [f for f in dataclasses.fields(Profile) if f.name != "name"]
-    names = {f.name for f in prof}
-    return prof, [f for f in dataclasses.fields(TrainConfig) if f.name not in names]
-
-
 def _cmd_pretrain(args: argparse.Namespace) -> None:
-    from minigpt.pretrain import pretrain, settings, train_config
+    from minigpt.pretrain import pretrain
 
-    prof_fields, train_fields = _setting_fields()
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    p = profile(args.profile, **{f.name: given[f.name] for f in prof_fields if f.name in given})
-    train_overrides = {f.name: given[f.name] for f in train_fields if f.name in given}
-    if os.environ.get("RANK", "0") == "0":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        for key, value in settings(p, train_config(p, world, **train_overrides)).items():
-            print(f"{key:>20} = {value}")
-    trainer = pretrain(p, args.out, resume=not args.restart, **train_overrides)
+    r, train_overrides = _recipe_and_train(args)
+    _print_recipe(r, ["tokenizer", "model", "optim", "pretrain"], train_overrides)
+    trainer = pretrain(r, args.out, resume=not args.restart, **train_overrides)
     if trainer.ddp.is_main:
         last = trainer.history[-1] if trainer.history else {}
         print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
@@ -80,10 +116,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 def _cmd_sft(args: argparse.Namespace) -> None:
     from minigpt.sft import sft
 
-    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("learning_rate", args.learning_rate))
-                 if v is not None}
-    run = sft(profile(args.profile), args.base, args.out, task=args.task, lora=args.lora or None,
-              resume=not args.restart, **overrides)
+    r, train_overrides = _recipe_and_train(args)
+    _print_recipe(r, ["model", "optim", "sft", *(["lora"] if args.lora else [])], train_overrides)
+    run = sft(r, args.base, args.out, task=args.task, lora=args.lora or None, resume=not args.restart,
+              **train_overrides)
     if run.trainer.ddp.is_main:
         print(f"chat with it: minigpt chat {args.out}")
 
@@ -91,20 +127,20 @@ def _cmd_sft(args: argparse.Namespace) -> None:
 def _cmd_rlhf(args: argparse.Namespace) -> None:
     from minigpt.rlhf import run
 
-    prof = profile(args.profile)
+    r, train_overrides = _recipe_and_train(args)
+    if train_overrides:
+        raise ValueError("the RL stages do not use the Trainer: set their fields as --rlhf.STAGE.FIELD, "
+                         "such as --rlhf.ppo.steps 20 (`minigpt recipe` lists them)")
+    _print_recipe(r, ["sft", "rlhf"])
     out = args.out or f"runs/rlhf/{args.stage}"
-    overrides = {k: v for k, v in (("steps", args.steps), ("learning_rate", args.learning_rate)) if v is not None}
     if args.stage == "reward":
-        if overrides:
-            raise ValueError("--steps and --learning-rate apply to ppo, dpo and grpo; the reward model's are in "
-                             "minigpt.rlhf.run.RLHF_SETTINGS")
-        stage = run.run_reward(prof, out)
+        stage = run.run_reward(r, out)
     elif args.stage == "ppo":
-        stage = run.run_ppo(prof, out, args.reward, **overrides)
+        stage = run.run_ppo(r, out, args.reward)
     elif args.stage == "dpo":
-        stage = run.run_dpo(prof, out, **({"rpo_alpha": None} if args.plain else {}), **overrides)
+        stage = run.run_dpo(r, out, **({"rpo_alpha": None} if args.plain else {}))
     else:
-        stage = run.run_grpo(prof, out, **({"advantage": "rloo"} if args.rloo else {}), **overrides)
+        stage = run.run_grpo(r, out, **({"advantage": "rloo"} if args.rloo else {}))
     for key, value in stage.summary.items():
         print(f"{key:>20} = {value:.4g}" if isinstance(value, float) else f"{key:>20} = {value}")
     if args.stage != "reward":
@@ -117,9 +153,9 @@ _CHAT_HELP = """commands: /reset forgets the conversation, /temp T sets the temp
 
 def _cmd_chat(args: argparse.Namespace) -> None:
     from minigpt.chat import ChatSession
-    from minigpt.sft import load_sft
+    from minigpt.runs import load_run
 
-    model, tok = load_sft(args.run)
+    model, tok = load_run(args.run)
     chat = ChatSession(model, tok, system=args.system, temperature=args.temperature, top_p=args.top_p,
                        max_new_tokens=args.max_new_tokens, seed=args.seed)
     print(f"chatting with {args.run} ({model.num_params(non_embedding=False) / 1e6:.2f}M parameters); {_CHAT_HELP}")
@@ -165,21 +201,24 @@ def _cmd_chat(args: argparse.Namespace) -> None:
             print(f"(the chat outgrew the model's context: its {chat.dropped_turns} oldest exchange(s) are forgotten)")
 
 
+_PROFILE_HELP = "ci, cpu, gpu or full (default: $MINIGPT_PROFILE, else ci under CI, gpu with CUDA, cpu)"
+_OVERRIDE_HELP = "`minigpt recipe --profile NAME` lists every field; --train.FIELD sets the Trainer's others"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("profile", help="print the sizes of a profile")
-    p.add_argument("--profile", help="ci, cpu, gpu or full (default: see minigpt.profile)")
-    p.set_defaults(func=_cmd_profile)
+    p = sub.add_parser("recipe", help="print every setting of a recipe (with any --SECTION.FIELD overrides)")
+    p.add_argument("--profile", help=_PROFILE_HELP)
+    p.set_defaults(func=_cmd_recipe)
 
     tok = sub.add_parser("tokenizer", help="train or try a BPE tokenizer").add_subparsers(
         dest="tokenizer_command", required=True)
     t = tok.add_parser("train", help="train byte-level BPE (default corpus: Shakespeare)")
-    t.add_argument("--profile", help="sizes to default to (corpus_chars, vocab_size)")
+    t.add_argument("--profile", help=_PROFILE_HELP + "; --tokenizer.corpus_chars and --tokenizer.vocab_size "
+                                     "(256 bytes + merges + special tokens) override it")
     t.add_argument("--input", help="a UTF-8 text file to train on instead of Shakespeare")
-    t.add_argument("--max-chars", type=int, help="characters of Shakespeare to use")
-    t.add_argument("--vocab-size", type=int, help="256 bytes + merges + special tokens")
     t.add_argument("--special", action="append", default=[], metavar="TOKEN",
                    help="a special token such as <|endoftext|> (repeatable)")
     t.add_argument("--out", required=True, help="where to save the tokenizer")
@@ -189,47 +228,42 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("text")
     e.set_defaults(func=_cmd_tokenizer_encode)
 
-    t = sub.add_parser("pretrain", help="pretrain a GPT on the profile's corpus (works under torchrun)",
-                       description="Every setting below defaults to the profile's value.")
-    t.add_argument("--profile", help="ci, cpu, gpu or full (default: see minigpt.profile)")
+    t = sub.add_parser("pretrain", help="pretrain a GPT on the recipe's corpus (works under torchrun)",
+                       description="Runs with the recipe's tokenizer, model, optim and pretrain sections; "
+                                   "override any field as --pretrain.steps 4000 (" + _OVERRIDE_HELP + ").")
+    t.add_argument("--profile", help=_PROFILE_HELP)
     t.add_argument("--out", default="runs/pretrain", help="folder for checkpoints, metrics and shards")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
-    for field in sum(_setting_fields(), []):
-        flags = dict.fromkeys((f"--{field.name.replace('_', '-')}", f"--{field.name}"))  # both spellings
-        t.add_argument(*flags, dest=field.name, type=_TYPES[str(field.type)], metavar=str(field.type).upper())
     t.set_defaults(func=_cmd_pretrain)
 
     from minigpt.sft import TASK_CHOICES
 
     t = sub.add_parser("sft", help="fine-tune a pretrained GPT to answer in the chat format",
                        description="Supervised fine-tuning on offline tasks with checkable answers; prints "
-                                   "held-out exact match. Settings default to the profile's (minigpt.sft.SFT_SETTINGS).")
-    t.add_argument("--profile", help="ci, cpu, gpu or full (default: see minigpt.profile)")
+                                   "held-out exact match. Runs with the recipe's sft (and lora) sections; override "
+                                   "any field as --sft.steps 800 (" + _OVERRIDE_HELP + ").")
+    t.add_argument("--profile", help=_PROFILE_HELP)
     t.add_argument("--out", default="runs/sft", help="folder for checkpoints, metrics and the chat tokenizer")
-    t.add_argument("--base", help="'pretrained' (the profile's cached model, trained on first use), 'fresh' "
-                                  "(random weights) or a `minigpt pretrain` folder; default: the profile's choice")
+    t.add_argument("--base", help="'pretrained' (the recipe's cached model, trained on first use), 'fresh' "
+                                  "(random weights) or a `minigpt pretrain` folder; default: the recipe's sft.base")
     t.add_argument("--task", default="arithmetic", choices=TASK_CHOICES, help="what to learn (default: arithmetic)")
-    t.add_argument("--lora", action="store_true", help="train LoRA adapters only (minigpt.sft.lora_settings)")
-    t.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, help="optimizer steps")
-    t.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, help="peak learning rate")
+    t.add_argument("--lora", action="store_true", help="train LoRA adapters only (the recipe's lora section)")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     t.set_defaults(func=_cmd_sft)
 
     r = sub.add_parser("rlhf", help="reward model, PPO, DPO or GRPO on top of an SFT model",
-                       description="Each stage starts from the profile's early-stopped SFT model (trained and "
-                                   "cached on first use) and prints its before/after numbers; settings in "
-                                   "minigpt.rlhf.run.RLHF_SETTINGS.")
+                       description="Each stage starts from the recipe's SFT run at rlhf.start_step (trained and "
+                                   "cached on first use) and prints its before/after numbers; override any field "
+                                   "as --rlhf.ppo.steps 20 (`minigpt recipe --profile NAME` lists them).")
     r.add_argument("stage", choices=("reward", "ppo", "dpo", "grpo"),
                    help="reward: train the reward model; ppo: optimise against it; dpo: learn from pairs "
                         "directly; grpo: learn from a verifiable reward")
-    r.add_argument("--profile", help="ci, cpu, gpu or full (default: see minigpt.profile)")
+    r.add_argument("--profile", help=_PROFILE_HELP)
     r.add_argument("--out", help="output folder (default runs/rlhf/STAGE)")
     r.add_argument("--reward", default="runs/rlhf/reward/reward_model.safetensors",
                    help="ppo: the reward model `minigpt rlhf reward` wrote")
     r.add_argument("--plain", action="store_true", help="dpo: without RPO's NLL term (to see the pitfall)")
     r.add_argument("--rloo", action="store_true", help="grpo: RLOO's leave-one-out baseline instead")
-    r.add_argument("--steps", type=int, help="iterations (ppo, dpo, grpo)")
-    r.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, help="learning rate")
     r.set_defaults(func=_cmd_rlhf)
 
     c = sub.add_parser("chat", help="talk to a fine-tuned model in the terminal",
@@ -246,7 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        rest, overrides = split_overrides(argv, top=() if argv[:1] == ["chat"] else TOP_LEVEL)
+    except ValueError as err:
+        print(f"minigpt: error: {err}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(rest)
+    args.overrides = overrides
+    if overrides and args.func in (_cmd_chat, _cmd_tokenizer_encode):
+        print(f"minigpt: error: {args.command} takes no recipe settings (got --{next(iter(overrides))})", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

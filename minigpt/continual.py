@@ -1,9 +1,9 @@
 """Continual learning: fine-tune on a new task, measure what the old one lost, and lose less.
 
-Task A is arithmetic: chapter 5's fine-tuned model (:func:`minigpt.sft.finetuned_model`, trained once
-per machine and cached). Task B is the
+Task A is arithmetic: chapter 5's fine-tuned model (``trained(recipe, "sft")``, :mod:`minigpt.runs`:
+trained once per machine and cached). Task B is the
 sentiment rule of the classification chapter asked as a question and answered in a word
-(:func:`minigpt.tasks.review_questions`): short, so it trains fast at every profile, and answered
+(:func:`minigpt.tasks.data.review_questions`): short, so it trains fast at every profile, and answered
 in words where A answers in digits. :func:`continual` fine-tunes the A
 model on B three ways with :func:`minigpt.sft.sft` and measures held-out exact match on both
 tasks after each:
@@ -30,18 +30,16 @@ import torch
 
 from minigpt.lora import LoRALinear, TokenRows, trainable_fraction
 from minigpt.model import GPT
-from minigpt.profiles import Profile
+from minigpt.recipe import Recipe
 from minigpt.rlhf.run import problems
-from minigpt.sft import SFTRun, finetuned_model, sft, sft_settings
+from minigpt.runs import trained
+from minigpt.sft import SFTRun, sft
 from minigpt.tasks import arithmetic, exact_match, review_questions
 
 __all__ = [
-    "CONTINUAL_SETTINGS",
     "ContinualResult",
-    "ContinualSettings",
     "METHODS",
     "continual",
-    "continual_settings",
     "forgetting_table",
     "replay_mix",
     "without_adapters",
@@ -51,44 +49,6 @@ T = TypeVar("T")
 
 #: The three ways :func:`continual` learns task B, in the order it runs them.
 METHODS = ("sequential", "replay", "lora")
-
-
-@dataclass(frozen=True)
-class ContinualSettings:
-    """Continual learning's knobs per profile (the model's size comes from the profile; batches
-    and warmup are SFT's, :data:`minigpt.sft.SFT_SETTINGS`)."""
-
-    n_train_b: int  # review questions to learn
-    batch_size: int  # conversations per step (SFT's own batches are larger than this chapter's time allows)
-    n_test_a: int | None  # held-out arithmetic problems (None: as many as the RLHF stages use)
-    n_test_b: int  # held-out review questions
-    max_steps: int  # task B, sequential and replay
-    learning_rate: float
-    replay: float  # the fraction of the B-stage data that is A's, replayed
-    lora_max_steps: int
-    lora_learning_rate: float
-    lora_rank: int
-
-
-# Measured on 2 CPU cores (the continual-learning chapter prints these runs).
-#: Continual learning's settings for each profile.
-CONTINUAL_SETTINGS: dict[str, ContinualSettings] = {
-    "ci": ContinualSettings(n_train_b=2000, batch_size=32, n_test_a=None, n_test_b=200, max_steps=60,
-                            learning_rate=3e-3, replay=0.5, lora_max_steps=200, lora_learning_rate=1e-2, lora_rank=4),
-    "cpu": ContinualSettings(n_train_b=4000, batch_size=32, n_test_a=300, n_test_b=300, max_steps=150,
-                             learning_rate=2e-3, replay=0.5, lora_max_steps=150, lora_learning_rate=1e-2, lora_rank=8),
-    "gpu": ContinualSettings(n_train_b=20000, batch_size=64, n_test_a=1000, n_test_b=1000, max_steps=1000,
-                             learning_rate=5e-4, replay=0.5, lora_max_steps=1500, lora_learning_rate=3e-3, lora_rank=16),
-    "full": ContinualSettings(n_train_b=20000, batch_size=64, n_test_a=1000, n_test_b=1000, max_steps=1000,
-                              learning_rate=2e-4, replay=0.5, lora_max_steps=1500, lora_learning_rate=2e-3, lora_rank=16),
-}
-
-
-def continual_settings(profile: Profile) -> ContinualSettings:
-    if profile.name not in CONTINUAL_SETTINGS:
-        raise ValueError(f"no continual-learning settings for profile {profile.name!r}; "
-                         "add them to minigpt.continual.CONTINUAL_SETTINGS")
-    return CONTINUAL_SETTINGS[profile.name]
 
 
 def replay_mix(new: Sequence[T], old: Sequence[T], fraction: float, *, seed: int = 0) -> list[T]:
@@ -144,31 +104,31 @@ class ContinualResult:
         return self.a_before - self.a_after
 
 
-def continual(profile: Profile, out_dir: str | os.PathLike, *, methods: Sequence[str] = METHODS,
-              seed: int = 0, progress: bool = False) -> list[ContinualResult]:
-    """Learn task B after task A by each of ``methods`` (:data:`METHODS`), each from the same A
-    model; runs go to folders of ``out_dir`` named by method."""
+def continual(recipe: Recipe, out_dir: str | os.PathLike, *, methods: Sequence[str] = METHODS,
+              progress: bool = False) -> list[ContinualResult]:
+    """Learn task B after task A by each of ``methods`` (:data:`METHODS`) with ``recipe.continual``,
+    each from the same A model; runs go to folders of ``out_dir`` named by method."""
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    s = continual_settings(profile)
-    model_a, tok = finetuned_model(profile)
-    a_train = arithmetic(None, split="train", seed=seed, max_operand=sft_settings(profile).max_operand)
-    a_test = problems(profile, "test", s.n_test_a)
+    s, seed = recipe.continual, recipe.seed
+    model_a, tok = trained(recipe, "sft")
+    a_train = arithmetic(None, split="train", seed=seed, max_operand=recipe.sft.max_operand)
+    a_test = problems(recipe, "test", s.n_test_a)
     b_train = review_questions(s.n_train_b, split="train", seed=seed)
     b_test = review_questions(s.n_test_b, split="test", seed=seed)
     a_before, b_before = exact_match(model_a, tok, a_test), exact_match(model_a, tok, b_test)
     results = []
     for method in methods:
         train: list[Any] = replay_mix(b_train, a_train, s.replay, seed=seed) if method == "replay" else b_train
-        options: dict[str, Any] = dict(max_steps=s.max_steps, learning_rate=s.learning_rate)
+        options: dict[str, Any] = dict(max_steps=s.steps, learning_rate=s.learning_rate)
         if method == "lora":
-            options = dict(max_steps=s.lora_max_steps, learning_rate=s.lora_learning_rate,
+            options = dict(max_steps=s.lora_steps, learning_rate=s.lora_learning_rate,
                            lora=dict(r=s.lora_rank, alpha=2.0 * s.lora_rank, token_rows=(), train_also=()))
         options["eval_interval"] = max(1, options["max_steps"] // 5)  # five points of B's validation loss
-        run = sft(profile, model_a, Path(out_dir) / method, tokenizer=tok, train=train, test=b_test,
+        run = sft(recipe, model_a, Path(out_dir) / method, tokenizer=tok, train=train, test=b_test,
                   too_long="drop", resume=False, progress=progress, batch_size=s.batch_size, checkpoint_interval=0,
-                  sample_interval=0, seed=seed, **options)
+                  sample_interval=0, **options)
         run.model.eval()
         results.append(ContinualResult(method, a_before, exact_match(run.model, tok, a_test), b_before,
                                        run.exact_match, trainable_fraction(run.model), run))

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from minigpt.model import GPT
+from minigpt.model import GPT, evaluating
 
 
 def apply_repetition_penalty(logits: torch.Tensor, idx: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -158,39 +158,35 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: f
     filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty)
 
-    was_training = model.training
-    model.eval()  # dropout would make sampling noisy and cached != uncached
-    try:
-        with torch.inference_mode():
-            idx = idx.to(model.transformer.wte.weight.device)
-            stops = stops.to(idx.device)
-            cache = model.new_kv_cache(B, T + max_new_tokens, dtype=_cache_dtype(model)) if use_cache else None
-            # Every token so far (for the repetition penalty and the uncached path), preallocated
-            # so that a step writes one column instead of copying the whole sequence.
-            buffer = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
-            buffer[:, :T] = idx
-            new = idx  # what the model has not seen yet: the prompt, then one token per step
-            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            for t in range(T, T + max_new_tokens):
-                seq = buffer[:, :t]
-                if use_cache:
-                    logits, _ = model(new, kv_cache=cache, last_only=True)
-                else:
-                    logits, _ = model(seq[:, -block_size:], last_only=True)
-                token = sample_next(logits[:, -1, :], seq, generator=generator, **filters)
-                if not has_stops:  # no row can finish: skip the bookkeeping
-                    yield token
-                else:
-                    yield token.masked_fill(done, pad_token)
-                    done = done | torch.isin(token, stops)
-                    if bool(done.all()):
-                        return
-                # Finished rows keep decoding their own samples (a pad id may not be a valid
-                # token); what they produce is replaced by pad_token above.
-                buffer[:, t] = token
-                new = buffer[:, t:t + 1]
-    finally:
-        model.train(was_training)
+    # Eval mode: dropout would make sampling noisy and cached != uncached.
+    with evaluating(model), torch.inference_mode():
+        idx = idx.to(model.transformer.wte.weight.device)
+        stops = stops.to(idx.device)
+        cache = model.new_kv_cache(B, T + max_new_tokens, dtype=_cache_dtype(model)) if use_cache else None
+        # Every token so far (for the repetition penalty and the uncached path), preallocated
+        # so that a step writes one column instead of copying the whole sequence.
+        buffer = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
+        buffer[:, :T] = idx
+        new = idx  # what the model has not seen yet: the prompt, then one token per step
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for t in range(T, T + max_new_tokens):
+            seq = buffer[:, :t]
+            if use_cache:
+                logits, _ = model(new, kv_cache=cache, last_only=True)
+            else:
+                logits, _ = model(seq[:, -block_size:], last_only=True)
+            token = sample_next(logits[:, -1, :], seq, generator=generator, **filters)
+            if not has_stops:  # no row can finish: skip the bookkeeping
+                yield token
+            else:
+                yield token.masked_fill(done, pad_token)
+                done = done | torch.isin(token, stops)
+                if bool(done.all()):
+                    return
+            # Finished rows keep decoding their own samples (a pad id may not be a valid
+            # token); what they produce is replaced by pad_token above.
+            buffer[:, t] = token
+            new = buffer[:, t:t + 1]
 
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,

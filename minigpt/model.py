@@ -18,16 +18,21 @@ module is its only reader and writer, so its tensor layout is an attention detai
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minigpt.data import require_hub
-from minigpt.profiles import Profile
+
+if TYPE_CHECKING:
+    from minigpt.recipe import Recipe
 
 AttnImpl = Literal["sdpa", "naive"]
 Norm = Literal["layernorm", "rmsnorm"]
@@ -124,11 +129,9 @@ class GPTConfig:
                 and self.kv_heads == self.n_head)
 
     @classmethod
-    def from_profile(cls, profile: Profile, vocab_size: int, **overrides: Any) -> GPTConfig:
-        """The model sizes of a :class:`~minigpt.profiles.Profile` with a tokenizer's vocabulary size."""
-        sizes = dict(block_size=profile.block_size, n_layer=profile.n_layer,
-                     n_head=profile.n_head, n_embd=profile.n_embd)
-        return cls(vocab_size=vocab_size, **{**sizes, **overrides})
+    def from_recipe(cls, recipe: Recipe, vocab_size: int, **overrides: Any) -> GPTConfig:
+        """The model shape of a :class:`~minigpt.recipe.Recipe` with a tokenizer's vocabulary size."""
+        return cls(vocab_size=vocab_size, **{**dataclasses.asdict(recipe.model), **overrides})
 
     @classmethod
     def gpt2(cls, size: str = "124M", **overrides: Any) -> GPTConfig:
@@ -524,6 +527,24 @@ class GPT(nn.Module):
             hf = GPT2LMHeadModel.from_pretrained(name)
         config = GPTConfig.from_hf_config(hf.config, **overrides)
         return cls.from_hf_state_dict(hf.state_dict(), config)
+
+
+@contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Run the block with ``modules`` in eval mode, then give each back the mode it had.
+
+    Eval mode turns dropout off, so sampling, scoring and measuring are deterministic and cached
+    generation matches uncached; restoring the caller's mode (even when the block raises, or a
+    generator inside it is closed early) means a helper never silently switches training off.
+    """
+    was = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, was):
+            m.train(mode)
 
 
 def _require_gpt2_block(config: GPTConfig) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -27,13 +27,21 @@ from tqdm.auto import tqdm
 from minigpt.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.model import GPT
 
+if TYPE_CHECKING:
+    from minigpt.recipe import Recipe
+
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, H100 SXM
+
+
+#: A batch's inputs: token ids, or a tuple of tensors the model reads before the targets (a
+#: captioner's images, then its token ids), so a model with more than text to read trains here too.
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 class BatchSource(Protocol):
     """What the trainer needs from a data loader (see :class:`minigpt.shards.ShardLoader`)."""
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> tuple[Inputs, torch.Tensor]: ...
     def reset(self) -> None: ...
     def state_dict(self) -> dict[str, int]: ...
     def load_state_dict(self, state: dict[str, int]) -> None: ...
@@ -65,6 +73,13 @@ class TrainConfig:
     head_at_targets_only: bool = False
     seed: int = 1337
     peak_flops: float = H100_BF16_PEAK_FLOPS  # for MFU on GPU
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, **fields: Any) -> TrainConfig:
+        """A stage's settings (``fields``) with what every stage of ``recipe`` shares: its
+        optimiser (:class:`~minigpt.recipe.OptimRecipe`), dtype, compile and seed."""
+        shared = dict(**dataclasses.asdict(recipe.optim), dtype=recipe.dtype, compile=recipe.compile, seed=recipe.seed)
+        return cls(**{**shared, **fields})
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.grad_accum < 1:
@@ -163,6 +178,15 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
+    def _next_batch(self, source: BatchSource,
+                    non_blocking: bool = False) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """``source``'s next batch on the device, its inputs always a tuple: the model gets
+        ``(*inputs, targets)``, and the last input (the token ids) is what counts as tokens."""
+        x, y = source.next_batch()
+        inputs = x if isinstance(x, tuple) else (x,)
+        return (tuple(t.to(self.device, non_blocking=non_blocking) for t in inputs),
+                y.to(self.device, non_blocking=non_blocking))
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
         cfg, start = self.cfg, time.perf_counter()
@@ -173,13 +197,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         for micro in range(cfg.grad_accum):
-            x, y = (t.to(self.device, non_blocking=True) for t in self.train_data.next_batch())
-            tokens += x.numel()
+            inputs, y = self._next_batch(self.train_data, non_blocking=True)
+            tokens += inputs[-1].numel()
             # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
             last = micro == cfg.grad_accum - 1
             sync = nullcontext() if last or self.ddp.world_size == 1 else self.model.no_sync()
             with sync, self._autocast():
-                _, loss = self.model(x, y, **self._loss_kwargs)
+                _, loss = self.model(*inputs, y, **self._loss_kwargs)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
@@ -210,9 +234,9 @@ class Trainer:
         self.val_data.reset()
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.eval_steps):
-            x, y = (t.to(self.device) for t in self.val_data.next_batch())
+            inputs, y = self._next_batch(self.val_data)
             with self._autocast():
-                _, loss = self.raw_model(x, y, **self._loss_kwargs)
+                _, loss = self.raw_model(*inputs, y, **self._loss_kwargs)
             total += loss
         val_loss = total / self.cfg.eval_steps
         if self.ddp.world_size > 1:

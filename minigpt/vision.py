@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from minigpt.model import GPT
-from minigpt.train import TrainConfig, lr_at, make_optimizer
+from minigpt.model import GPT, evaluating
+from minigpt.train import TrainConfig, Trainer
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -99,6 +100,12 @@ class Captioner(nn.Module):
             raise ValueError(f"images must be (batch, {self.image_size}, {self.image_size}), got {tuple(images.shape)}")
         return self.patch_embed(patchify(images.to(self.device), self.patch)) + self.patch_pos
 
+    def flops_per_token(self) -> int:
+        """Training FLOPs per position the GPT reads, for the Trainer's MFU on a GPU: the GPT's (at
+        block_size) plus the patch embedding's 6 * its weights (run at patch positions only: an upper
+        bound). The Trainer counts caption tokens, not patches, so its MFU leaves the patches out."""
+        return self.gpt.flops_per_token() + 6 * self.patch_embed.weight.numel()
+
     def forward(self, images: torch.Tensor, idx: torch.Tensor,
                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         targets = None if targets is None else targets.to(self.device)
@@ -108,9 +115,7 @@ class Captioner(nn.Module):
     def caption(self, images: torch.Tensor, start: int, stop: int, max_tokens: int) -> list[list[int]]:
         """Greedy captions: read each image and ``start``, then up to ``max_tokens`` tokens, with
         a KV cache; each caption is cut before its first ``stop`` token (no stop: all kept)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             B = images.size(0)
             cache = self.gpt.new_kv_cache(B, self.n_patches + 1 + max_tokens)
             idx = torch.full((B, 1), start, dtype=torch.long, device=self.device)
@@ -122,8 +127,6 @@ class Captioner(nn.Module):
                 if i < max_tokens - 1:
                     logits, _ = self.gpt(token[:, None], kv_cache=cache, last_only=True)
             rows = torch.stack(steps, dim=1).tolist()
-        finally:
-            self.train(was_training)
         return [row[:row.index(stop)] if stop in row else row for row in rows]
 
 
@@ -151,6 +154,40 @@ def caption_batch(labels: torch.Tensor, captions: Sequence[Sequence[int]], eot: 
     return idx, targets
 
 
+class CaptionSource:
+    """A :class:`~minigpt.train.BatchSource` of captioned images: each batch is ``batch_size`` rows
+    drawn at random (with replacement), inputs ``(images, caption ids)`` and targets as in
+    :func:`caption_batch`. Batch ``n`` is drawn from ``(seed, n)`` alone, so the position is two
+    integers and a resumed run goes on with the batches of a run that never stopped."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, captions: Sequence[Sequence[int]], eot: int,
+                 batch_size: int, *, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if len(images) != len(labels) or not len(labels):
+            raise ValueError(f"need as many images as labels, at least one: got {len(images)} and {len(labels)}")
+        self.images, self.labels, self.captions, self.eot = images, labels, captions, eot
+        self.batch_size, self.seed = batch_size, seed
+        self.reset()
+
+    def next_batch(self) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        draw = np.random.default_rng([self.seed, self.drawn]).integers(len(self.labels), size=self.batch_size)
+        self.drawn += 1
+        rows = torch.from_numpy(draw)
+        idx, targets = caption_batch(self.labels[rows], self.captions, self.eot)
+        return (self.images[rows], idx), targets
+
+    def reset(self) -> None:
+        """Back to the first batch."""
+        self.drawn = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.drawn = state["seed"], state["drawn"]
+
+
 @dataclass
 class CaptionRun:
     """A trained captioner and how it did."""
@@ -163,28 +200,16 @@ class CaptionRun:
 
 def train_captioner(model: Captioner, images: torch.Tensor, labels: torch.Tensor, tokenizer: Tokenizer, eot: int,
                     *, steps: int, batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0) -> list[float]:
-    """Train every weight of ``model`` (patch embedding and GPT) to caption ``images``: AdamW, warmup
-    and cosine decay as in pretraining, random batches drawn with ``seed``. Returns the losses."""
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps={steps} and batch_size={batch_size} must be at least 1")
-    captions = caption_ids(tokenizer)
-    cfg = TrainConfig(max_steps=steps, warmup_steps=max(1, steps // 10), learning_rate=learning_rate)
-    optimizer = make_optimizer(model, cfg, model.device.type)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    losses = []
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        rows = torch.randint(len(labels), (batch_size,), generator=gen)
-        idx, targets = caption_batch(labels[rows], captions, eot)
-        _, loss = model(images[rows], idx, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    """Train every weight of ``model`` (patch embedding and GPT) to caption ``images`` with the
+    book's one :class:`~minigpt.train.Trainer` (AdamW, warmup and cosine decay as in pretraining),
+    on random batches drawn with ``seed`` (:class:`CaptionSource`). Returns the loss of every step."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be at least 1")
+    source = CaptionSource(images, labels, caption_ids(tokenizer), eot, batch_size, seed=seed)
+    cfg = TrainConfig(max_steps=steps, warmup_steps=max(1, steps // 10), learning_rate=learning_rate,
+                      eval_interval=0, log_interval=1)
+    trainer = Trainer(model, cfg, source, device=str(model.device))  # type: ignore[arg-type]  # a GPT in all but name
+    return [record["loss"] for record in trainer.fit(progress=False)]
 
 
 def evaluate_captions(model: Captioner, images: torch.Tensor, labels: torch.Tensor, tokenizer: Tokenizer,

@@ -1,15 +1,31 @@
-"""Shared by the browser tests: Debian's Chromium driven by Playwright for Python, which cannot
-download a browser of its own here (`apt-get install -y chromium`; CI installs it)."""
+"""Shared fixtures.
+
+The browser tests use Debian's Chromium driven by Playwright for Python, which cannot download a
+browser of its own here (`apt-get install -y chromium`; CI installs it).
+
+The chat, SFT, task and RLHF tests share one small BPE tokenizer, trained once per session
+(modules that need another kind, such as a tokenizer of real text or of characters, define
+their own ``tok``).
+"""
 
 from __future__ import annotations
 
+import json
+import operator
 import os
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+import minigpt
+from minigpt.chat import with_chat_tokens
+from minigpt.recipe import Recipe
+from minigpt.tokenizer import BPETokenizer, train_bpe
 
 CHROMIUM = os.environ.get("MINIGPT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialling Google, which this machine refuses.
@@ -38,3 +54,83 @@ def shots_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = Path(os.environ["MINIGPT_SHOTS"]) if os.environ.get("MINIGPT_SHOTS") else tmp_path_factory.mktemp("shots")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+#: What the shared tokenizer is trained on: the words of the tests' questions (any other text still
+#: encodes, byte by byte).
+TOKENIZER_TEXT = "What is 37 + 48? The answer is 85. Alice lives in Oslo. Reverse the word kelamo. "
+
+
+@pytest.fixture(scope="session")
+def base_tok() -> BPETokenizer:
+    """A small BPE tokenizer with ``<|endoftext|>`` and no chat tokens (trained in well under a second)."""
+    return train_bpe(TOKENIZER_TEXT * 20, 300, special_tokens=["<|endoftext|>"])
+
+
+@pytest.fixture(scope="session")
+def tok(base_tok: BPETokenizer) -> BPETokenizer:
+    """:func:`base_tok` with the chat tokens: what chat, SFT, task and RLHF tests render with."""
+    return with_chat_tokens(base_tok)
+
+
+# -- outcome tests: their own model cache, a seed to vary, and a record of what they measured ----
+
+#: The seed of the recipe the outcome tests run (``MINIGPT_TEST_SEED``; the book's is 1337).
+#: ``bench/outcome_spread.py`` runs them over several seeds and thread counts to set their bounds.
+TEST_SEED = int(os.environ.get("MINIGPT_TEST_SEED", "1337"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every test run trains into a cache of its own, never the user's (``~/.cache/minigpt``):
+    a temporary folder, removed at the end, or ``MINIGPT_TEST_CACHE`` to keep one between runs.
+    Set here, before any test imports minigpt, so subprocesses (the CLI, the book build) inherit it."""
+    kept = os.environ.get("MINIGPT_TEST_CACHE")
+    path = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="minigpt-test-cache-"))
+    path.mkdir(parents=True, exist_ok=True)
+    config.stash[_CACHE] = (path, not kept)
+    os.environ["MINIGPT_CACHE"] = str(path)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    path, temporary = config.stash.get(_CACHE, (None, False))
+    if temporary:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_CACHE = pytest.StashKey[tuple[Path, bool]]()
+
+
+@pytest.fixture(scope="session")
+def ci() -> Recipe:
+    """The ``ci`` recipe at :data:`TEST_SEED`."""
+    return minigpt.recipe("ci", seed=TEST_SEED)
+
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+class Outcomes:
+    """What an outcome test measured, checked against its bound and, when ``MINIGPT_OUTCOMES``
+    names a file, appended to it as one JSON line per check (``MINIGPT_OUTCOMES_RECORD_ONLY=1``
+    records without failing, so a spread measurement sees every value)."""
+
+    def __init__(self, test: str) -> None:
+        self.test = test
+
+    def check(self, name: str, value: float, op: str, bound: float) -> None:
+        value = float(value)
+        path = os.environ.get("MINIGPT_OUTCOMES")
+        if path:
+            row = {"test": self.test, "name": name, "value": value, "op": op, "bound": bound, "seed": TEST_SEED,
+                   "threads": torch.get_num_threads()}
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if os.environ.get("MINIGPT_OUTCOMES_RECORD_ONLY") != "1":
+            assert _OPS[op](value, bound), f"{name}: {value:.4g} is not {op} {bound:.4g} (seed {TEST_SEED})"
+
+
+@pytest.fixture
+def outcome(request: pytest.FixtureRequest) -> Outcomes:
+    """Check (and record) a measured outcome: ``outcome.check("exact match", em, ">=", 0.4)``."""
+    return Outcomes(request.node.nodeid)

@@ -34,15 +34,43 @@ BUILD_TIMEOUT = 1800  # seconds, for executing every chapter at `ci` and renderi
 BUILD_FLAGS = ["-W", "-n", "--keep-going"]
 
 
-def _load_colab() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("colab", ROOT / "book" / "colab.py")
+def _load(name: str) -> types.ModuleType:
+    """A script of book/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "book" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-colab = _load_colab()
+colab = _load("colab")
+stale = _load("stale")
+
+
+def test_a_chapter_runs_again_when_the_package_code_it_runs_changes(tmp_path, monkeypatch, capsys) -> None:
+    """A chapter's digest covers what it imports and, if it uses cached runs, every stage's code;
+    book/stale.py drops the cached execution of a chapter whose digest changed."""
+    _, tokenization = stale.chapter_digest(ROOT / "notebooks" / "01_tokenization.ipynb")
+    _, rlhf = stale.chapter_digest(ROOT / "notebooks" / "06_rlhf.ipynb")
+    assert "minigpt.tokenizer" in tokenization and "minigpt.sft" not in tokenization
+    assert {"minigpt.sft", "minigpt.pretrain", "minigpt.rlhf.run"} <= set(rlhf)
+    removed = []
+
+    class Cache:
+        def match_cache_file(self, path):
+            return types.SimpleNamespace(pk=Path(path).name)
+
+        def remove_cache(self, pk):
+            removed.append(pk)
+
+    monkeypatch.setattr(stale, "DIGESTS", tmp_path / "digests.json")
+    monkeypatch.setattr(stale, "CACHE", tmp_path)  # exists: there is a cache to clean
+    monkeypatch.setitem(sys.modules, "jupyter_cache", types.SimpleNamespace(get_cache=lambda path: Cache()))
+    assert stale.main() == 0 and removed == []  # the first build: nothing to compare with
+    digests = json.loads(stale.DIGESTS.read_text())
+    stale.DIGESTS.write_text(json.dumps({**digests, "05_sft.ipynb": "0" * 16}))
+    assert stale.main() == 0 and removed == ["05_sft.ipynb"]
+    assert "05_sft.ipynb: the package code it runs changed since the last build" in capsys.readouterr().out
 
 
 def toc_docnames() -> list[str]:

@@ -20,14 +20,6 @@ from minigpt.chat import (
 )
 from minigpt.model import GPT, GPTConfig
 from minigpt.sft import SFTSource
-from minigpt.tokenizer import train_bpe
-
-TEXT = "What is 37 + 48? The answer is 85. Alice lives in Oslo. Reverse the word kelamo. " * 20
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return with_chat_tokens(train_bpe(TEXT, 300, special_tokens=["<|endoftext|>"]))
 
 
 def _model(tok, seed=0):
@@ -35,13 +27,12 @@ def _model(tok, seed=0):
     return GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
 
 
-def test_chat_tokens_are_appended_once(tok):
-    base = train_bpe(TEXT, 300, special_tokens=["<|endoftext|>"])
+def test_chat_tokens_are_appended_once(tok, base_tok):
     ids = check_chat_tokenizer(tok)
-    assert sorted(ids.values()) == list(range(base.vocab_size, base.vocab_size + len(CHAT_TOKENS)))
+    assert sorted(ids.values()) == list(range(base_tok.vocab_size, base_tok.vocab_size + len(CHAT_TOKENS)))
     assert with_chat_tokens(tok) is tok  # already there: unchanged
     with pytest.raises(ValueError, match="with_chat_tokens"):
-        check_chat_tokenizer(base)
+        check_chat_tokenizer(base_tok)
 
 
 def test_messages_and_conversations_are_validated():

@@ -41,7 +41,7 @@ from minigpt.generate import generate
 from minigpt.viz import AttentionView, SamplingExplorer
 
 exec(sys.argv[1], {})
-P = minigpt.profile("ci")
+P = minigpt.recipe("ci")
 tok = CharTokenizer.from_text("to be, or not to be: that is the question")
 torch.manual_seed(0)
 model = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()

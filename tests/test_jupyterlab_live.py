@@ -51,7 +51,7 @@ CELLS = [
     "from minigpt.tokenizer import CharTokenizer\n"
     "from minigpt.viz import AttentionView\n"
     "\n"
-    "print('profile', minigpt.profile().name)\n"
+    "print('profile', minigpt.recipe().name)\n"
     "tok = CharTokenizer.from_text('the quick brown fox jumps over the lazy dog')\n"
     "torch.manual_seed(0)\n"
     "model = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_embd=32)).eval()\n"

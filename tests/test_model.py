@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from minigpt.model import GPT, Block, CausalSelfAttention, GPTConfig, KVCache
+from minigpt.model import GPT, Block, CausalSelfAttention, GPTConfig, KVCache, evaluating
 from minigpt.train import TrainConfig, Trainer
 
 SMALL = dict(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=64)
@@ -120,13 +120,12 @@ def test_gpt2_124m_param_count() -> None:
     assert GPTConfig.gpt2("gpt2-medium").n_layer == 24 and c.head_dim == 64
 
 
-def test_from_profile() -> None:
+def test_from_recipe() -> None:
     import minigpt
 
-    p = minigpt.profile("ci")
-    c = GPTConfig.from_profile(p, vocab_size=65)
-    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (
-        p.n_layer, p.n_head, p.n_embd, p.block_size, 65)
+    m = minigpt.recipe("ci").model
+    c = GPTConfig.from_recipe(minigpt.recipe("ci"), vocab_size=65, n_layer=3)
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (3, m.n_head, m.n_embd, m.block_size, 65)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -235,3 +234,22 @@ def test_from_pretrained_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(RuntimeError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE is set"):
         GPT.from_pretrained("minigpt-tests/no-such-model")
     assert time.perf_counter() - start < 5
+
+
+def test_evaluating_turns_dropout_off_and_restores_each_mode_even_after_an_error() -> None:
+    training, frozen = small_gpt(dropout=0.5).train(), small_gpt().eval()
+    with pytest.raises(RuntimeError, match="boom"), evaluating(training, frozen):
+        assert not training.training and not frozen.training
+        assert all(not m.training for m in training.modules())  # submodules too: no dropout anywhere
+        raise RuntimeError("boom")
+    assert training.training and all(m.training for m in training.modules())
+    assert not frozen.training
+
+
+def test_evaluating_nests() -> None:
+    model = small_gpt().train()
+    with evaluating(model):
+        with evaluating(model):
+            assert not model.training
+        assert not model.training  # the inner block gives back the outer one's mode: eval
+    assert model.training

@@ -228,22 +228,22 @@ def test_config_errors(kwargs: dict, message: str) -> None:
 
 def test_compare_blocks_rejects_unknown_variants() -> None:
     with pytest.raises(ValueError, match=r"unknown variant\(s\) \['Mamba'\]; choose from GPT-2, RMSNorm"):
-        compare_blocks(minigpt.profile("ci"), 10, names=["Mamba"])
+        compare_blocks(minigpt.recipe("ci"), names=["Mamba"])
     assert variants(1)["GQA"] == {"n_kv_head": 1}
 
 
 @pytest.mark.slow
-def test_every_variant_learns_at_ci() -> None:
-    """The chapter's comparison at `ci` (about 15 s): every variant starts at ln(vocab) = 6.24 and ends
-    below 5.54 (measured: 5.03 to 5.41 over seeds 1, 2, 3 and 1337). Which variant wins is not
-    asserted: RoPE led GPT-2 by 0.25 to 0.32 nats at seeds 1 to 3 but by only 0.03 at the chapter's
-    seed 1337, and the other differences changed sign between seeds."""
-    p = minigpt.profile("ci")
-    runs = {r.name: r for r in compare_blocks(p, 100, batch_size=max(2, p.batch_size // 8))}
+@pytest.mark.outcome
+def test_every_variant_learns_at_ci(ci, outcome) -> None:
+    """The chapter's comparison at `ci` (about 15 s): every variant starts at ln(vocab) = 6.24 and
+    learns. Which variant wins is not asserted: the differences between variants change sign from
+    seed to seed at this size."""
+    runs = {r.name: r for r in compare_blocks(ci)}
     print(format_table(list(runs.values())))
-    assert list(runs) == list(variants(p.n_head))
+    assert list(runs) == list(variants(ci.model.n_head))
     for r in runs.values():
-        assert r.val_loss < math.log(p.vocab_size) - 0.7, r.name
+        outcome.check(f"blocks {r.name}: val loss below uniform", r.val_loss - math.log(ci.tokenizer.vocab_size),
+                      "<", -0.7)  # SPREAD
         assert r.params > 0 and len(r.val_history) == 2
     assert runs["GQA"].params < runs["GPT-2"].params and runs["GQA"].kv_cache_per_token == runs["GPT-2"].kv_cache_per_token // 2
     assert abs(runs["SwiGLU"].params / runs["GPT-2"].params - 1) < 0.02

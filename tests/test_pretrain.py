@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-ARGS = ["--profile", "ci", "--max_steps", "40", "--checkpoint-interval", "10", "--log_interval", "1",
-        "--eval_interval", "20", "--sample_interval", "0"]
+ARGS = ["--profile", "ci", "--pretrain.steps", "40", "--train.checkpoint_interval", "10", "--train.log_interval", "1",
+        "--pretrain.eval_interval", "20", "--train.sample_interval", "0",
+        "--seed", os.environ.get("MINIGPT_TEST_SEED", "1337")]
 
 
 def _run(out, *extra):
@@ -31,13 +32,15 @@ def straight_run(tmp_path_factory):
     return out, log
 
 
-def test_ci_pretraining_learns(straight_run):
+@pytest.mark.outcome
+def test_ci_pretraining_learns(straight_run, outcome):
     out, log = straight_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert "max_steps = 40" in log  # every setting is printed at start
-    assert records[0]["loss"] > 5.8  # ln(512) = 6.24: uniform guessing over the vocabulary
-    assert records[-1]["val_loss"] < 5.5
-    assert records[-1]["val_nats_per_byte"] < 3.0
+    assert "pretrain.steps = 40" in log and "train.sample_interval = 0" in log  # every setting is printed at start
+    # ln(512) = 6.24: uniform guessing over the vocabulary
+    outcome.check("pretrain: first loss", records[0]["loss"], ">", 5.8)  # SPREAD
+    outcome.check("pretrain: val loss at step 40", records[-1]["val_loss"], "<", 5.5)  # SPREAD
+    outcome.check("pretrain: val nats per byte at step 40", records[-1]["val_nats_per_byte"], "<", 3.0)  # SPREAD
 
 
 def test_sigkilled_run_resumes_on_the_same_loss_curve(straight_run, tmp_path):
@@ -73,24 +76,3 @@ def test_plot_history_draws_train_and_val_curves(straight_run):
     assert list(train.get_xdata()) == [r["step"] for r in records]
     assert list(val.get_ydata()) == [r["val_loss"] for r in records if "val_loss" in r]
     plt.close(ax.figure)
-
-
-def test_pretrained_trains_once_then_loads(tmp_path, monkeypatch):
-    import dataclasses
-
-    import torch
-
-    import minigpt
-    from minigpt.pretrain import pretrained, pretrained_dir
-
-    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path))
-    P = dataclasses.replace(minigpt.profile("ci"), max_steps=4, eval_interval=2)
-    model, tok = pretrained(P, progress=False)
-    assert not model.training and (pretrained_dir(P) / "checkpoint.safetensors").exists()
-    metrics = (pretrained_dir(P) / "metrics.jsonl").read_text()
-    again, tok_again = pretrained(P, progress=False)
-    assert (pretrained_dir(P) / "metrics.jsonl").read_text() == metrics  # loaded, not retrained
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
-    assert tok_again.encode("To be, or not to be") == tok.encode("To be, or not to be")
-    longer = dataclasses.replace(P, max_steps=5)
-    assert pretrained_dir(longer) != pretrained_dir(P)  # another setting, another run

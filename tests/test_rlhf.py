@@ -2,17 +2,16 @@
 (each stage really does what it claims, against the true rule or the right answers)."""
 
 import copy
-import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import minigpt
-from minigpt.chat import Conversation, render_prompt, with_chat_tokens
+from minigpt.chat import Conversation, render_prompt
 from minigpt.checkpoint import load_checkpoint
 from minigpt.model import GPT, GPTConfig
+from minigpt.recipe import override
 from minigpt.rlhf.core import end_token, pack, prompt_ids, sequence_kl, token_logprobs
 from minigpt.rlhf.dpo import DPOConfig, dpo, dpo_loss, sequence_logprobs
 from minigpt.rlhf.grpo import GRPOConfig, group_advantages, grpo, k3_kl
@@ -26,13 +25,6 @@ from minigpt.rlhf.reward import (
     train_reward_model,
 )
 from minigpt.tasks import arithmetic, correct, even_digits
-from minigpt.tokenizer import train_bpe
-
-
-@pytest.fixture(scope="module")
-def tok():
-    text = "What is 37 + 48? The answer is 85. 0123456789 " * 30
-    return with_chat_tokens(train_bpe(text, 280, special_tokens=["<|endoftext|>"]))
 
 
 @pytest.fixture()
@@ -202,33 +194,31 @@ def test_every_trainable_parameter_changes_after_one_step(model, tok):
 
 
 @pytest.fixture(scope="module")
-def ci():
-    return minigpt.profile("ci")
-
-
-@pytest.fixture(scope="module")
 def reward_stage(ci, tmp_path_factory):
     from minigpt.rlhf.run import run_reward
 
     return run_reward(ci, tmp_path_factory.mktemp("reward"))
 
 
-def test_ci_reward_model_learns_the_rule(reward_stage):
-    assert reward_stage.summary["pair_accuracy"] > 0.95
+@pytest.mark.outcome
+def test_ci_reward_model_learns_the_rule(reward_stage, outcome):
     assert reward_stage.summary["test_pairs"] >= 50
+    outcome.check("reward model: held-out pair accuracy", reward_stage.summary["pair_accuracy"], ">", 0.95)  # SPREAD
 
 
-def test_ci_ppo_raises_the_true_reward_on_a_leash(ci, reward_stage, tmp_path):
+@pytest.mark.outcome
+def test_ci_ppo_raises_the_true_reward_on_a_leash(ci, reward_stage, tmp_path, outcome):
     from minigpt.rlhf.run import run_ppo
 
     s = run_ppo(ci, tmp_path, reward_stage.model).summary
-    assert s["true_reward_after"] - s["true_reward_before"] >= 0.3
-    assert s["kl"] < 5
+    outcome.check("ppo: true reward gain", s["true_reward_after"] - s["true_reward_before"], ">=", 0.25)  # SPREAD
+    outcome.check("ppo: KL to the start (nats)", s["kl"], "<", 5)  # SPREAD
     # The rule ignores whether the sum is right, and so does the policy that learned it.
-    assert s["exact_match"] < s["exact_match_before"]
+    outcome.check("ppo: exact match change", s["exact_match"] - s["exact_match_before"], "<", 0)  # SPREAD
 
 
-def test_ci_dpo_pitfall_and_its_fix(ci, tmp_path):
+@pytest.mark.outcome
+def test_ci_dpo_pitfall_and_its_fix(ci, tmp_path, outcome):
     from minigpt.rlhf.run import run_dpo
 
     plain = run_dpo(ci, tmp_path / "plain", rpo_alpha=None)
@@ -238,17 +228,19 @@ def test_ci_dpo_pitfall_and_its_fix(ci, tmp_path):
 
     first, last = plain.history[:5], plain.history[-5:]
     # The objective is met: the loss falls as the chosen answers pull ahead of the rejected...
-    assert mean("loss", last) < mean("loss", first) and mean("rewards/margins", last) > mean("rewards/margins", first)
-    # ...while the chosen (right) answers themselves lose probability, and the answers get worse.
-    # (How much they lose depends on the seed: 0.6 to 4 nats over seeds 0-2.)
-    assert mean("logps/chosen", last) < mean("logps/chosen", first) - 0.5
-    assert plain.summary["exact_match"] < plain.summary["exact_match_before"] - 0.2
-    rpo = run_dpo(ci, tmp_path / "rpo").summary  # the profile's default: rpo_alpha=1
-    assert rpo["exact_match"] >= rpo["exact_match_before"]
-    assert rpo["pair_accuracy"] >= 0.85
+    outcome.check("plain dpo: loss change", mean("loss", last) - mean("loss", first), "<", 0)  # SPREAD
+    outcome.check("plain dpo: margin change", mean("rewards/margins", last) - mean("rewards/margins", first),
+                  ">", 0)  # SPREAD
+    # ...but nothing holds up the right answers themselves, and the NLL term (RPO) is what keeps them.
+    rpo = run_dpo(ci, tmp_path / "rpo").summary  # the recipe's default: rpo_alpha=1
+    outcome.check("exact match after, dpo+nll minus plain dpo", rpo["exact_match"] - plain.summary["exact_match"],
+                  ">", 0.2)  # SPREAD
+    outcome.check("dpo+nll: exact match change", rpo["exact_match"] - rpo["exact_match_before"], ">=", 0)  # SPREAD
+    outcome.check("dpo+nll: held-out pair accuracy", rpo["pair_accuracy"], ">=", 0.85)  # SPREAD
 
 
-def test_ci_grpo_raises_the_reward_it_optimises(ci):
+@pytest.mark.outcome
+def test_ci_grpo_raises_the_reward_it_optimises(ci, outcome):
     """GRPO on 16 training problems raises the sampled reward on them, on a short KL leash.
 
     Measured from the ci start policy (the SFT run's step-120 checkpoint, exact match 0.548): the
@@ -261,11 +253,12 @@ def test_ci_grpo_raises_the_reward_it_optimises(ci):
 
     reference, tok = start_policy(ci)
     train = problems(ci, "train")[:16]
-    cfg = GRPOConfig(steps=40, prompts_per_step=16, learning_rate=5e-4, max_completion_length=6)
-    _, history = grpo(copy.deepcopy(reference), reference, tok, train, correct, cfg)
+    cfg = GRPOConfig(steps=60, prompts_per_step=16, learning_rate=5e-4, max_completion_length=6)
+    _, history = grpo(copy.deepcopy(reference), reference, tok, train, correct, cfg, seed=ci.seed)
     first, last = history[:5], history[-5:]
-    assert sum(h["reward"] for h in last) / 5 > sum(h["reward"] for h in first) / 5 + 0.15
-    assert all(h["kl"] < 1 for h in history)  # nats per token, k3
+    gain = sum(h["reward"] for h in last) / 5 - sum(h["reward"] for h in first) / 5
+    outcome.check("grpo: training reward gain", gain, ">", 0.15)  # SPREAD
+    outcome.check("grpo: largest k3 KL per token (nats)", max(h["kl"] for h in history), "<", 1)  # SPREAD
 
 
 def test_rewards_of_the_tasks():
@@ -274,31 +267,40 @@ def test_rewards_of_the_tasks():
     assert even_digits(q, "48") == 1.0 and even_digits(q, "41") == 0.5 and even_digits(q, "no digits") == 0.0
 
 
-def test_the_cached_sft_run_is_retrained_when_full_sft_or_pretraining_settings_change_not_lora_ones(monkeypatch):
-    """The RL start policy is a checkpoint of minigpt.sft.finetuned's run: a stale one must not be reused."""
-    from minigpt import sft
+def test_the_sft_run_depends_on_full_sft_and_pretraining_settings_not_lora_or_rl_ones(ci):
+    """The RL start policy is a checkpoint of the cached SFT run: a stale one must not be reused."""
+    from minigpt.runs import run_info
 
-    ci = minigpt.profile("ci")
-    before = sft.finetuned_dir(ci)
-    s = sft.SFT_SETTINGS["ci"]
-    monkeypatch.setitem(sft.SFT_SETTINGS, "ci", dataclasses.replace(s, lora_rank=s.lora_rank + 1))
-    assert sft.finetuned_dir(ci) == before
-    assert sft.finetuned_dir(minigpt.profile("ci", max_steps=ci.max_steps + 1)) != before  # another base model
-    monkeypatch.setitem(sft.SFT_SETTINGS, "ci", dataclasses.replace(s, learning_rate=s.learning_rate / 2))
-    assert sft.finetuned_dir(ci) != before
+    before = run_info(ci, "sft")
+    assert not run_info(override(ci, {"lora.rank": ci.lora.rank + 1, "rlhf.ppo.steps": 1}), "sft").differences(before)
+    for changed in ({"pretrain.steps": ci.pretrain.steps + 1}, {"sft.learning_rate": ci.sft.learning_rate / 2},
+                    {"optim.weight_decay": 0.0}, {"seed": ci.seed + 1}):
+        after = override(ci, changed)
+        # a pretraining setting changes the parent run (its key), the others the SFT run's own settings
+        assert run_info(after, "sft").differences(before) or run_info(after, "pretrain").key != run_info(ci, "pretrain").key
 
 
-def test_the_start_policy_is_the_sft_runs_kept_checkpoint(monkeypatch):
-    from minigpt import sft
-    from minigpt.rlhf.run import RLHF_SETTINGS, start_policy
+def test_the_start_policy_is_the_sft_runs_kept_checkpoint(ci, tmp_path):
+    from minigpt.rlhf.run import start_policy
+    from minigpt.runs import find_or_make
     from minigpt.train import kept_checkpoint_path
 
-    ci = minigpt.profile("ci")
     policy, _ = start_policy(ci)
-    step = RLHF_SETTINGS["ci"].sft_steps
-    kept, state = load_checkpoint(kept_checkpoint_path(sft.finetuned_dir(ci), step))
+    step = ci.rlhf.start_step
+    kept, state = load_checkpoint(kept_checkpoint_path(find_or_make(ci, "sft"), step))
     assert state["step"] == step
     assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), kept.state_dict().values(), strict=True))
-    monkeypatch.setitem(RLHF_SETTINGS, "ci", dataclasses.replace(RLHF_SETTINGS["ci"], sft_steps=step + 1))
-    with pytest.raises(ValueError, match="keep_steps"):
-        start_policy(ci)
+
+
+def test_an_rl_stage_writes_a_run_that_chat_reads(ci, reward_stage, tmp_path):
+    """run.json records the stage and its parent, the SFT run, and load_run reads the policy."""
+    from minigpt.rlhf.run import run_grpo
+    from minigpt.runs import find_or_make, load_run, read_run
+
+    stage = run_grpo(ci, tmp_path, steps=1)
+    info = read_run(tmp_path)
+    assert (info.stage, info.parent, info.settings["rlhf.grpo.steps"]) == (
+        "grpo", read_run(find_or_make(ci, "sft")).key, 1)  # the settings it ran with, overrides included
+    assert info.finished and len(stage.history) == 1
+    model, _ = load_run(tmp_path)
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(model.state_dict().values(), stage.model.state_dict().values()))

@@ -4,32 +4,23 @@ import pytest
 import torch
 
 import minigpt
-from minigpt.chat import CHAT_TOKENS, Conversation, render, with_chat_tokens
+from minigpt.chat import CHAT_TOKENS, Conversation, render
 from minigpt.cli import main
 from minigpt.lora import apply_lora, lora_layers, trainable_fraction
 from minigpt.model import GPT, GPTConfig
-from minigpt.pretrain import pretrained
+from minigpt.recipe import RECIPES
+from minigpt.runs import load_run, read_run, trained
 from minigpt.sft import (
-    SFT_SETTINGS,
     TASK_CHOICES,
     SFTSource,
-    load_sft,
     lora_settings,
     lora_token_ids,
     resize_vocab,
     sft,
-    sft_settings,
     task_data,
 )
 from minigpt.tasks import answers, arithmetic
-from minigpt.tokenizer import train_bpe
 from minigpt.train import TrainConfig, Trainer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    text = "What is 37 + 48? The answer is 85. Alice lives in Oslo. 0123456789 " * 30
-    return with_chat_tokens(train_bpe(text, 290, special_tokens=["<|endoftext|>"]))
 
 
 def _convs(n, seed=0):
@@ -140,23 +131,24 @@ def test_sft_resumes_on_the_same_loss_curve(tok, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ci_run(tmp_path_factory):
+def ci_run(ci, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft_ci")
-    return out, sft(minigpt.profile("ci"), None, out, progress=False)  # the profile's measured start
+    return out, sft(ci, None, out, progress=False)  # the recipe's start
 
 
-def test_ci_sft_learns_arithmetic(ci_run):
+@pytest.mark.outcome
+def test_ci_sft_learns_arithmetic(ci, ci_run, outcome):
     _, run = ci_run
-    assert run.trainer.step == 200
+    assert run.trainer.step == ci.sft.steps
     losses = [r["loss"] for r in run.history]
-    assert losses[-1] < 0.6 * losses[0]
     assert len(run.test) >= 15 and not {str(c) for c in run.test} & {str(c) for c in run.train}
-    assert run.exact_match >= 0.4
+    outcome.check("sft: last loss / first loss", losses[-1] / losses[0], "<", 0.6)  # SPREAD
+    outcome.check("sft: held-out exact match", run.exact_match, ">=", 0.4)  # SPREAD
 
 
 def test_a_finished_run_reloads_with_the_same_answers(ci_run):
     out, run = ci_run
-    model, tok = load_sft(out)
+    model, tok = load_run(out)
     assert tok.special_tokens == run.tokenizer.special_tokens
     assert answers(model, tok, run.test[:20]) == answers(run.model, run.tokenizer, run.test[:20])
 
@@ -171,27 +163,28 @@ def test_lora_token_rows_are_the_chat_tokens_then_the_commonest_answer_tokens(to
     assert lora_token_ids(tok, examples, 0) == []
 
 
-@pytest.mark.parametrize("name", sorted(SFT_SETTINGS))
+@pytest.mark.parametrize("name", sorted(RECIPES))
 def test_lora_settings_train_under_five_percent(name):
-    profile = minigpt.profile(name)
-    settings = lora_settings(profile)
-    with torch.device("meta"):  # the shapes alone: no memory, no time, even for the largest profile
-        model = GPT(GPTConfig.from_profile(profile, vocab_size=profile.vocab_size + len(CHAT_TOKENS)))
+    recipe = minigpt.recipe(name)
+    settings = lora_settings(recipe)
+    with torch.device("meta"):  # the shapes alone: no memory, no time, even for the largest recipe
+        model = GPT(GPTConfig.from_recipe(recipe, vocab_size=recipe.tokenizer.vocab_size + len(CHAT_TOKENS)))
         apply_lora(model, **{**settings, "token_rows": range(settings["token_rows"])})
     assert 0 < trainable_fraction(model) < 0.05
 
 
-def test_lora_sft_trains_only_the_adapters_rows_and_train_also(tmp_path):
-    profile = minigpt.profile("ci")
-    base, base_tok = pretrained(profile, progress=False)
-    run = sft(profile, base, tmp_path, tokenizer=base_tok, lora=True, max_steps=10, progress=False)
+def test_lora_sft_trains_only_the_adapters_rows_and_train_also(ci, tmp_path):
+    base, base_tok = trained(ci, "pretrain")
+    run = sft(ci, base, tmp_path, tokenizer=base_tok, lora=True, max_steps=10, progress=False)
     assert 0 < trainable_fraction(run.model) < 0.05
-    meta = json.loads((tmp_path / "sft.json").read_text())["lora"]
+    info = read_run(tmp_path)
+    assert info.stage == "lora" and info.parent is None  # a model passed in, not a run folder
+    meta = info.extra["lora"]
     tok = run.tokenizer
     digits = sorted(tok.encode("0123456789"))
     assert len(digits) == 10 and meta["token_rows"][:4] == [tok.special_tokens[t] for t in CHAT_TOKENS]
     assert sorted(meta["token_rows"][4:]) == digits  # the answers are digits: the only other learned tokens
-    assert meta["train_also"] == list(lora_settings(profile)["train_also"])
+    assert meta["train_also"] == list(lora_settings(ci)["train_also"])
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     assert "transformer.wte.delta" in trainable and "transformer.ln_f.weight" in trainable
     start = resize_vocab(base, tok.vocab_size, seed=run.trainer.cfg.seed).state_dict()
@@ -201,7 +194,7 @@ def test_lora_sft_trains_only_the_adapters_rows_and_train_also(tmp_path):
     assert any(layer.lora_B.abs().sum() > 0 for _, layer in lora_layers(run.model))
     assert run.model.transformer.wte.delta.abs().sum() > 0
     assert (tmp_path / "lora.safetensors").stat().st_size < 100_000
-    model, tok = load_sft(tmp_path)
+    model, tok = load_run(tmp_path)
     x = torch.tensor([render(run.test[0], tok)[0]])
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x)[0], run.model.eval()(x)[0], rtol=0, atol=0)
@@ -222,10 +215,11 @@ def test_minigpt_chat_streams_answers_and_takes_commands(ci_run, monkeypatch, ca
 
 
 def test_minigpt_sft_and_its_errors(tmp_path, capsys):
-    assert main(["sft", "--profile", "ci", "--out", str(tmp_path / "run"), "--max-steps", "3"]) == 0
+    assert main(["sft", "--profile", "ci", "--out", str(tmp_path / "run"), "--sft.steps", "3"]) == 0
     said = capsys.readouterr().out
+    assert "sft.steps = 3" in said  # the recipe in force is printed first
     assert "held-out exact match" in said and f"minigpt chat {tmp_path / 'run'}" in said
-    assert json.loads((tmp_path / "run" / "sft.json").read_text())["task"] == "arithmetic"
+    assert read_run(tmp_path / "run").extra["task"] == "arithmetic"
     assert main(["sft", "--profile", "ci", "--out", str(tmp_path / "x"), "--base", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
     assert main(["chat", str(tmp_path / "nothing")]) == 2
@@ -233,21 +227,19 @@ def test_minigpt_sft_and_its_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("task", TASK_CHOICES)
-def test_every_task_has_disjoint_default_splits(task):
-    profile = minigpt.profile("ci")
-    train, test = task_data(profile, task, "train"), task_data(profile, task, "test")
+def test_every_task_has_disjoint_default_splits(ci, task):
+    train, test = task_data(ci, task, "train"), task_data(ci, task, "test")
     assert len(train) >= 100 and len(test) >= 15
     assert not {str(c) for c in train} & {str(c) for c in test}
     with pytest.raises(ValueError, match="unknown task 'poetry'"):
-        task_data(profile, "poetry", "train")
+        task_data(ci, "poetry", "train")
 
 
-def test_ci_lora_sft_learns_arithmetic(tmp_path):
-    """At ci LoRA adapts a model of random weights (the profile's start), so it is asked only to
-    learn (measured 0.71 in its 400 steps); the 5-point comparison with full SFT is made at cpu
-    (0.930 against 0.944, chapter 5)."""
-    profile = minigpt.profile("ci")
-    run = sft(profile, None, tmp_path, lora=True, progress=False)
-    assert run.trainer.step == sft_settings(profile).lora_max_steps > sft_settings(profile).max_steps
+@pytest.mark.outcome
+def test_ci_lora_sft_learns_arithmetic(ci, tmp_path, outcome):
+    """At ci LoRA adapts a model of random weights (the recipe's start), so it is asked only to
+    learn; the comparison with full SFT is made at cpu (chapter 5)."""
+    run = sft(ci, None, tmp_path, lora=True, progress=False)
+    assert run.trainer.step == ci.lora.steps > ci.sft.steps
     assert 0 < trainable_fraction(run.model) < 0.05
-    assert run.exact_match >= 0.5
+    outcome.check("lora: held-out exact match", run.exact_match, ">=", 0.5)  # SPREAD

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minigpt.generate
-from minigpt.chat import Conversation, render_prompt, with_chat_tokens
+from minigpt.chat import Conversation, render_prompt
 from minigpt.model import GPT, GPTConfig
 from minigpt.tasks import (
     alpaca_conversation,
@@ -23,13 +23,6 @@ from minigpt.tasks import (
     string_tasks,
     world_qa,
 )
-from minigpt.tokenizer import train_bpe
-
-
-@pytest.fixture(scope="module")
-def tok():
-    text = "What is 37 + 48? Alice lives in Oslo. Q: A: 0123456789\n\n" * 30
-    return with_chat_tokens(train_bpe(text, 280, special_tokens=["<|endoftext|>"]))
 
 
 def _word(question):

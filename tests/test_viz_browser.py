@@ -64,7 +64,7 @@ def widgets() -> dict[str, Any]:
         "attention": AttentionView.from_model(model, tok, "The quick brown fox jumps", title="Attention, random model"),
         "trace": SamplingExplorer.trace(model, tok, "The quick brown", 12, seed=0, temperature=0.8, top_k=12,
                                         title="Sampling trace (seed 0)"),
-        # Fewer tokens shipped than the vocabulary: the remainder is summarised as "other".
+        # Fewer bars than the vocabulary: the rest share an "other" bar.
         "other": SamplingExplorer.from_model(model, tok, "The lazy dog", n_top=12, title="Next token, top 12"),
     }
 
@@ -156,7 +156,7 @@ def test_attention_view_follows_head_and_layer(page: Any, widgets: dict[str, Any
 
 def rows(page: Any, section: str) -> dict[str, Any]:
     return page.eval_on_selector(f"#{section} .mgv-bars", """bars => ({
-        step: +bars.dataset.step, entropy: +bars.dataset.entropy, exact: bars.dataset.exact === '1',
+        step: +bars.dataset.step, entropy: +bars.dataset.entropy, kept: +bars.dataset.keptCount,
         rows: Array.from(bars.querySelectorAll('.mgv-row'),
                          r => [r.dataset.tokenId, +r.dataset.prob, r.dataset.kept === '1']) })""")
 
@@ -179,8 +179,9 @@ def assert_matches_reference(shown: dict[str, Any], logits: torch.Tensor, settin
     if other:
         assert abs(other[0] - float(ref[rest].sum())) < 1e-4
     else:
-        assert rest.size == 0  # every token is shipped
+        assert rest.size == 0  # every token has a bar
     q = ref[ref > 0]
+    assert shown["kept"] == q.numel()
     assert abs(shown["entropy"] - float(-(q * q.log()).sum())) < 1e-4
 
 
@@ -202,13 +203,11 @@ def apply(page: Any, section: str, settings: dict[str, Any]) -> None:
 def test_sampling_sliders_equal_next_token_probs(page: Any, widgets: dict[str, Any]) -> None:
     trace = widgets["trace"]
     start = rows(page, "trace")
-    assert start["exact"] and start["step"] == 0
+    assert start["step"] == 0
     assert_matches_reference(start, trace.logits[0], dict(temperature=0.8, top_k=12, top_p=1.0, min_p=0.0))
     for settings in SETTINGS:
         apply(page, "trace", settings)
-        shown = rows(page, "trace")
-        assert shown["exact"]
-        assert_matches_reference(shown, trace.logits[0], settings)
+        assert_matches_reference(rows(page, "trace"), trace.logits[0], settings)
     # The keyboard works too: one step right on the top-k slider.
     page.focus("#trace input[data-role=top_k]")
     page.keyboard.press("ArrowRight")
@@ -219,22 +218,21 @@ def test_sampling_sliders_equal_next_token_probs(page: Any, widgets: dict[str, A
 def test_sampling_other_block(page: Any, widgets: dict[str, Any]) -> None:
     w = widgets["other"]
     logits = w.logits[0]
-    exact_settings = [
+    settings = [
         dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),  # everything kept
         dict(temperature=0.6, top_k=7, top_p=1.0, min_p=0.0),  # the others all removed
         dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.5),
+        dict(temperature=1.5, top_k=0, top_p=0.9, min_p=0.0),  # the nucleus ends among the others
+        dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.1),  # and so does min-p's threshold
     ]
-    for settings in exact_settings:
-        apply(page, "other", settings)
+    for s in settings:
+        apply(page, "other", s)
         shown = rows(page, "other")
-        assert shown["exact"], settings
-        assert_matches_reference(shown, logits, settings)
-    # A nucleus that ends among the summarised tokens is flagged approximate, in the page too.
-    apply(page, "other", dict(temperature=2.0, top_k=0, top_p=0.99, min_p=0.0))
-    w.temperature, w.top_k, w.top_p, w.min_p = 2.0, 0, 0.99, 0.0
-    shown = rows(page, "other")
-    assert shown["exact"] == w.distribution().exact
-    assert (page.text_content("#other [data-role=entropy]") or "").startswith("\u2248") != shown["exact"]
+        assert_matches_reference(shown, logits, s)
+        for name, value in s.items():
+            setattr(w, name, value)
+        assert shown["kept"] == int((w.distribution() > 0).sum())
+    assert 12 < shown["kept"] < w.vocab_size  # some of the others kept, not all: one bar holds both
 
 
 def test_trace_steps(page: Any, widgets: dict[str, Any]) -> None:

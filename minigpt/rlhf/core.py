@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from minigpt.chat import END_OF_TURN, Conversation, check_chat_tokenizer, render_prompt
 from minigpt.generate import complete
-from minigpt.model import GPT
+from minigpt.model import GPT, evaluating
 from minigpt.tokenizer import BPETokenizer
 from minigpt.train import TrainConfig, lr_at, make_optimizer
 
@@ -145,11 +145,9 @@ def sequence_kl(policy: GPT, reference: GPT, prompts: Sequence[Sequence[int]], t
     gen = torch.Generator(device=policy.transformer.wte.weight.device).manual_seed(seed)
     responses = sample_responses(policy, prompts, tokenizer, max_new_tokens=max_new_tokens, generator=gen)
     batch = pack(prompts, responses, device=policy.transformer.wte.weight.device)
-    was = policy.training, reference.training
-    policy.eval(), reference.eval()
-    log_ratio = (token_logprobs(policy, batch.ids, mask=batch.mask)
-                 - token_logprobs(reference, batch.ids, mask=batch.mask))
-    policy.train(was[0]), reference.train(was[1])
+    with evaluating(policy, reference):
+        log_ratio = (token_logprobs(policy, batch.ids, mask=batch.mask)
+                     - token_logprobs(reference, batch.ids, mask=batch.mask))
     return float(log_ratio.sum(-1).mean())
 
 

@@ -21,14 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minigpt.model import GPT
+from minigpt.model import GPT, evaluating
 from minigpt.rlhf.core import Stepper, pack, token_logprobs
 from minigpt.rlhf.reward import Pair
 
 __all__ = ["DPOConfig", "dpo", "dpo_loss", "implicit_accuracy", "sequence_logprobs"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DPOConfig:
     """DPO's knobs, named as in TRL's ``DPOConfig``."""
 
@@ -39,7 +39,6 @@ class DPOConfig:
     rpo_alpha: float | None = None  # weight of the chosen answer's NLL; None: plain DPO
     warmup_steps: int = 10
     grad_clip: float = 1.0
-    seed: int = 0
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -73,28 +72,26 @@ def _summed(model: GPT, pairs: Sequence[Pair], batch_size: int = 256) -> tuple[t
 @torch.no_grad()
 def implicit_accuracy(policy: GPT, reference: GPT, pairs: Sequence[Pair], batch_size: int = 256) -> float:
     """Fraction of ``pairs`` whose chosen answer has the larger implicit reward (held-out pair accuracy)."""
-    was = policy.training
-    policy.eval(), reference.eval()
-    ref_c, ref_r = _summed(reference, pairs, batch_size)
-    pol_c, pol_r = _summed(policy, pairs, batch_size)
-    policy.train(was)
+    with evaluating(policy, reference):
+        ref_c, ref_r = _summed(reference, pairs, batch_size)
+        pol_c, pol_r = _summed(policy, pairs, batch_size)
     return float(((pol_c - ref_c) > (pol_r - ref_r)).float().mean())
 
 
 def dpo(policy: GPT, reference: GPT, train: Sequence[Pair], cfg: DPOConfig, *,
-        log_interval: int = 10) -> tuple[GPT, list[dict[str, Any]]]:
+        log_interval: int = 10, seed: int = 0) -> tuple[GPT, list[dict[str, Any]]]:
     """Optimise ``policy`` (in place) on preference ``train`` pairs; returns it and the history
     (TRL's names: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
     ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``nll_loss``)."""
     if not train:
         raise ValueError("DPO needs at least one preference pair")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     reference.eval()  # used under no_grad only
     ref_c, ref_r = _summed(reference, train)
     policy.eval()  # dropout off: the implicit reward compares the same network with its reference
     stepper = Stepper(policy, learning_rate=cfg.learning_rate, max_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                       grad_clip=cfg.grad_clip)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(seed)
     history: list[dict[str, Any]] = []
     for step in range(1, cfg.steps + 1):
         idx = [rng.randrange(len(train)) for _ in range(cfg.batch_size)]

@@ -39,7 +39,7 @@ from minigpt.tokenizer import BPETokenizer
 __all__ = ["GRPOConfig", "group_advantages", "grpo", "k3_kl"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class GRPOConfig:
     """GRPO's knobs, named as in TRL's ``GRPOConfig`` where it has them."""
 
@@ -54,7 +54,6 @@ class GRPOConfig:
     max_completion_length: int = 8
     advantage: Literal["grpo", "rloo"] = "grpo"
     grad_clip: float = 1.0
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -80,17 +79,18 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def grpo(policy: GPT, reference: GPT, tokenizer: BPETokenizer, prompts: Sequence[Conversation],
-         reward: RewardFn, cfg: GRPOConfig, *, log_interval: int = 1) -> tuple[GPT, list[dict[str, Any]]]:
+         reward: RewardFn, cfg: GRPOConfig, *, log_interval: int = 1,
+         seed: int = 0) -> tuple[GPT, list[dict[str, Any]]]:
     """Optimise ``policy`` (in place) on ``reward(conversation, answer_text)``; returns it and the
     history (TRL's metric names: ``reward``, ``reward_std``, ``frac_reward_zero_std``, ``kl``,
     ``completions/mean_length``, ``clip_ratio``)."""
     device = policy.transformer.wte.weight.device
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     policy.eval()  # dropout off: sampling and the update see the same network
     reference.eval()  # used under no_grad only
     stepper = Stepper(policy, learning_rate=cfg.learning_rate, max_steps=cfg.steps, grad_clip=cfg.grad_clip)
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    rng = random.Random(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     g = cfg.num_generations
     history: list[dict[str, Any]] = []
     for step in range(1, cfg.steps + 1):

@@ -48,7 +48,7 @@ from minigpt.tokenizer import BPETokenizer
 __all__ = ["PPOConfig", "PolicyAndValue", "gae", "ppo"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class PPOConfig:
     """PPO's knobs, named as in TRL's ``PPOConfig`` where it has them."""
 
@@ -67,7 +67,6 @@ class PPOConfig:
     response_length: int = 8
     missing_eos_penalty: float = 1.0
     grad_clip: float = 1.0
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size % self.num_mini_batches:
@@ -117,19 +116,19 @@ class _Rollout:
 
 def ppo(policy: GPT, reference: GPT, reward_model: RewardModel, tokenizer: BPETokenizer,
         prompts: Sequence[Conversation], cfg: PPOConfig, *, true_reward: RewardFn | None = None,
-        log_interval: int = 1) -> tuple[GPT, list[dict[str, Any]]]:
+        log_interval: int = 1, seed: int = 0) -> tuple[GPT, list[dict[str, Any]]]:
     """Optimise ``policy`` (in place) against ``reward_model`` with a KL leash to ``reference``;
     returns it and the history (one record per ``log_interval`` iterations, TRL's metric names,
     plus ``objective/true_reward`` when a ``true_reward(conversation, text)`` rule is given)."""
     device = policy.transformer.wte.weight.device
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     # Dropout off throughout (as TRL does): sampling, the stored log-probs and the update must all
     # see the same network, or the first minibatch's ratio is not 1.
     model = PolicyAndValue(policy, copy.deepcopy(reward_model).requires_grad_(True)).eval()
     reference.eval(), reward_model.eval()  # both used under no_grad only
     stepper = Stepper(model, learning_rate=cfg.learning_rate, max_steps=cfg.steps, grad_clip=cfg.grad_clip)
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    rng = random.Random(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     history: list[dict[str, Any]] = []
     for it in range(1, cfg.steps + 1):
         convs = draw(prompts, cfg.batch_size, rng)

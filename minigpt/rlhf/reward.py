@@ -10,7 +10,7 @@ The head starts with std ``1 / sqrt(d + 1)`` (so initial scores are O(1)); after
 scores are normalised to mean 0 and std 1 on responses of the policy that RL will start from, so
 a KL coefficient means the same thing whatever scale the reward model happened to learn.
 
-Here the "labeler" is a rule (:func:`minigpt.tasks.even_digits`), so the learned reward can be
+Here the "labeler" is a rule (:func:`minigpt.tasks.rewards.even_digits`), so the learned reward can be
 checked against the truth -- and reward hacking, where the two part ways, can be seen.
 """
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from minigpt.chat import Conversation
 from minigpt.checkpoint import read_safetensors, write_safetensors
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, evaluating
 from minigpt.rlhf.core import (
     Packed,
     RewardFn,
@@ -168,17 +168,15 @@ def correction_pairs(policy: GPT, tokenizer: BPETokenizer, conversations: Sequen
 @torch.no_grad()
 def pair_accuracy(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 256) -> tuple[float, float]:
     """Held-out pair accuracy (chosen scores higher) and mean margin r_chosen - r_rejected."""
-    was = model.training
-    model.eval()
     device = model.head.weight.device
     hits, margin = 0.0, 0.0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        scores = model.score(_pack_pairs(chunk, device))
-        diff = scores[:len(chunk)] - scores[len(chunk):]
-        hits += float((diff > 0).sum())
-        margin += float(diff.sum())
-    model.train(was)
+    with evaluating(model):
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            scores = model.score(_pack_pairs(chunk, device))
+            diff = scores[:len(chunk)] - scores[len(chunk):]
+            hits += float((diff > 0).sum())
+            margin += float(diff.sum())
     return hits / len(pairs), margin / len(pairs)
 
 

@@ -27,23 +27,16 @@ if TYPE_CHECKING:
         encode_attention,
         plot_attention,
     )
-    from minigpt.viz.sampling import (
-        Filtered,
-        SamplingExplorer,
-        encode_step,
-        filtered_distribution,
-        plot_sampling,
-        trace_logits,
-    )
+    from minigpt.viz.sampling import SamplingExplorer, plot_sampling, trace_logits
 
 __all__ = [
     "AttentionView", "attention_maps", "decode_attention", "encode_attention", "plot_attention",
-    "Filtered", "SamplingExplorer", "encode_step", "filtered_distribution", "plot_sampling", "trace_logits",
+    "SamplingExplorer", "plot_sampling", "trace_logits",
     "token_label",
 ]
 
 # Where each public name lives, imported on first use (PEP 562).
-_WHERE = {name: "attention" for name in __all__[:5]} | {name: "sampling" for name in __all__[5:11]}
+_WHERE = {name: "attention" for name in __all__[:5]} | {name: "sampling" for name in __all__[5:8]}
 _WHERE["token_label"] = "_common"
 
 

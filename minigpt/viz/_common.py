@@ -1,7 +1,7 @@
 """Helpers shared by the widgets: token labels, prompt checks, compact binary payloads.
 
-Nothing here imports anywidget or matplotlib, so the data side of the widgets (payloads and the
-Python reference of what the JavaScript computes) can be used and tested on its own.
+Nothing here imports anywidget or matplotlib, so the data side of the widgets (their payloads)
+can be used and tested on its own.
 """
 
 from __future__ import annotations

@@ -67,8 +67,10 @@ def _script_json(value: Any) -> str:
 
 
 def read_module(name: str) -> str:
-    """The text of a widget's ES module shipped next to this file."""
-    return (Path(__file__).parent / name).read_text(encoding="utf-8")
+    """A widget's ES module shipped next to this file, behind ``prelude.js`` (the helpers both
+    widgets share): one self-contained text, so neither host has an import to resolve."""
+    here = Path(__file__).parent
+    return "\n".join((here / f).read_text(encoding="utf-8") for f in ("prelude.js", name))
 
 
 class StaticHTMLWidget(anywidget.AnyWidget):

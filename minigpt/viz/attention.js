@@ -4,32 +4,21 @@
 //   { tokens: [T labels], n_layer, n_head, T, bits: 8 | 16, weights: base64, title }
 // where weights are the lower triangles (layer, head, query row, key col <= row) quantised to
 // `bits` bits. model "layer" and "head" are the synced selection.
-// The module only uses plain DOM APIs, so it needs no bundler, no CDN and no kernel.
+// The module only uses plain DOM APIs, so it needs no bundler, no CDN and no kernel; el_,
+// widgetRoot, bytesFromBase64, adaptScheme and whenConnected come from prelude.js.
 
 const CSS = `
-.mgv-attn {
-  /* Colours follow the host: the text colour is inherited (JupyterLab, VS Code, Colab, a book
-     page, or a dark page's light output panel alike) and greys are mixed from it; the accent is
-     the host's brand colour where it has one. */
-  --mgv-accent: var(--jp-brand-color1, var(--pst-color-primary, var(--vscode-textLink-foreground, #2f6fd0)));
-  --mgv-muted: color-mix(in srgb, currentColor 62%, transparent);
-  --mgv-line: color-mix(in srgb, currentColor 24%, transparent);
-  color: inherit;
-  font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-  font-size: 13px; line-height: 1.35;
-  padding: 6px 2px; max-width: 100%; overflow-x: auto;
-}
-.mgv-attn .mgv-title { font-weight: 600; margin: 0 0 6px; }
+.mgv-attn { max-width: 100%; overflow-x: auto; }
 .mgv-attn .mgv-controls { display: flex; flex-wrap: wrap; gap: 6px 16px; align-items: center; margin-bottom: 6px; }
 .mgv-attn label { display: inline-flex; gap: 6px; align-items: center; }
 .mgv-attn select { font: inherit; color: inherit; background: transparent;
   border: 1px solid var(--mgv-line); border-radius: 4px; padding: 1px 4px; }
-.mgv-attn .mgv-status { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace;
+.mgv-attn .mgv-status { font-family: var(--mgv-mono);
   min-height: 1.4em; margin: 2px 0 6px; white-space: pre; color: inherit; }
 .mgv-attn .mgv-status .mgv-hint { color: var(--mgv-muted); font-family: inherit; }
 .mgv-attn .mgv-body { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
 .mgv-attn svg.mgv-heat { display: block; overflow: visible; }
-.mgv-attn svg.mgv-heat text { fill: currentColor; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; }
+.mgv-attn svg.mgv-heat text { fill: currentColor; font-family: var(--mgv-mono); }
 .mgv-attn svg.mgv-heat text.mgv-axis { fill: var(--mgv-muted); font-family: inherit; }
 .mgv-attn svg.mgv-heat text.mgv-on { fill: var(--mgv-accent); font-weight: 700; }
 .mgv-attn svg.mgv-heat rect.mgv-cell { fill: var(--mgv-accent); }
@@ -51,26 +40,8 @@ const CSS = `
 
 const FALLBACK_ACCENT = "#2f6fd0";
 
-function el_(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
-    else node.setAttribute(k, v);
-  }
-  for (const c of children) node.append(c);
-  return node;
-}
-
 function escapeXml(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-}
-
-function bytesFromBase64(b64) {
-  const bin = atob(b64);
-  const out = new Uint8Array(bin.length);
-  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
-  return out;
 }
 
 // Full (L, H, T, T) weights as one Float32Array, zeros above the diagonal.
@@ -102,21 +73,6 @@ function resolveAccent(node) {
   return v || FALLBACK_ACCENT;
 }
 
-// Native controls (selects, sliders, checkboxes) follow `color-scheme`. Derive it from the text
-// colour we inherit, which is right even where a dark page puts outputs on a light panel.
-function adaptScheme(root) {
-  const m = getComputedStyle(root).color.match(/[\d.]+/g);
-  if (!m || m.length < 3) return;
-  const [r, g, b] = m.slice(0, 3).map(Number);
-  root.style.colorScheme = 0.2126 * r + 0.7152 * g + 0.0722 * b > 128 ? "dark" : "light";
-}
-
-// Run `fn` once `node` is in the document (anywidget may render before attaching the view).
-function whenConnected(node, fn, tries = 600) {
-  if (node.isConnected) fn();
-  else if (tries > 0) requestAnimationFrame(() => whenConnected(node, fn, tries - 1));
-}
-
 function render({ model, el }) {
   const data = model.get("_data");
   const { n_layer: L, n_head: H, T, tokens } = data;
@@ -124,9 +80,7 @@ function render({ model, el }) {
   const uid = "mgv" + Math.random().toString(36).slice(2, 10);
   const at = (l, h, i, j) => W[((l * H + h) * T + i) * T + j];
 
-  const root = el_("div", { class: "mgv-attn" });
-  root.append(el_("style", { text: CSS }));
-  if (data.title) root.append(el_("div", { class: "mgv-title", text: data.title }));
+  const root = widgetRoot("mgv-attn", CSS, data.title);
 
   // Controls: layer, head, colour scale.
   const layerSel = el_("select", { "aria-label": "layer", "data-role": "layer" });

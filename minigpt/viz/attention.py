@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import traitlets
 
-from minigpt.model import GPT
+from minigpt.model import GPT, evaluating
 from minigpt.viz._common import TextTokenizer, b64decode, b64encode, prompt_ids, token_label
 from minigpt.viz._widget import StaticHTMLWidget, read_module
 
@@ -28,13 +28,8 @@ def attention_maps(model: GPT, ids: Sequence[int] | torch.Tensor) -> list[torch.
     """
     ids = prompt_ids(model, None, ids)
     device = model.transformer.wte.weight.device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _, _, atts = model(torch.tensor([ids], device=device), return_attention=True)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        _, _, atts = model(torch.tensor([ids], device=device), return_attention=True)
     return [a[0].float().cpu() for a in atts]
 
 

@@ -1,33 +1,23 @@
 // Sampling explorer for minigpt: an anywidget ES module that also runs in a static page.
 //
 // model.get("_data") is the payload of minigpt.viz.sampling.SamplingExplorer:
-//   { title, V, n_top, labels: {id: label}, prompt, prompt_cut,
+//   { title, n_top, labels: {id: label}, prompt, prompt_cut,
 //     pieces: [text of each sampled token] | null, trace: {temperature, top_k, ...} | null,
-//     steps: [{ ids, logits: base64 float32, tail: null | {count, max, min, lse[], mean[]},
-//               chosen, chosen_rank }] }   (tail.lse[i], tail.mean[i] are at temperature tail.temps[i])
+//     steps: [{ logits: base64 float32, the whole row in token-id order, chosen: id | null }] }
 // Synced: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), min_p (0 = off), step.
+// The n_top most likely tokens get a bar each, the rest one "other" bar.
 //
-// filterStep mirrors minigpt.generate.next_token_probs (temperature, top-k with ties kept,
-// top-p, min-p; the repetition penalty is already in a trace's logits) and, line for line,
-// minigpt.viz.sampling.filtered_distribution, whose docstring says when "other" (the tokens
-// not shipped) makes the numbers approximate.
+// filterStep is the JavaScript twin of minigpt.generate.next_token_probs (temperature, top-k
+// with ties kept, top-p, min-p; the repetition penalty is already in a trace's logits), applied
+// to the whole row, so the numbers are the sampler's; the browser tests compare the two.
+// el_, widgetRoot, bytesFromBase64, adaptScheme and whenConnected come from prelude.js.
 
 const CSS = `
 .mgv-samp {
-  /* Colours follow the host: the text colour is inherited (JupyterLab, VS Code, Colab, a book
-     page, or a dark page's light output panel alike) and greys are mixed from it; the accent is
-     the host's brand colour where it has one. */
-  --mgv-accent: var(--jp-brand-color1, var(--pst-color-primary, var(--vscode-textLink-foreground, #2f6fd0)));
-  --mgv-muted: color-mix(in srgb, currentColor 62%, transparent);
-  --mgv-line: color-mix(in srgb, currentColor 24%, transparent);
   --mgv-mark: var(--jp-warn-color1, var(--pst-color-warning, #d9822b));
   --mgv-off: color-mix(in srgb, currentColor 22%, transparent);
-  color: inherit;
-  font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-  font-size: 13px; line-height: 1.35; padding: 6px 2px; max-width: 760px;
+  max-width: 760px;
 }
-.mgv-samp .mgv-mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; }
-.mgv-samp .mgv-title { font-weight: 600; margin: 0 0 6px; }
 .mgv-samp .mgv-context { white-space: pre-wrap; word-break: break-word; border: 1px solid var(--mgv-line);
   border-radius: 6px; padding: 6px 8px; margin-bottom: 8px; max-height: 7.5em; overflow-y: auto; }
 .mgv-samp .mgv-prompt { color: var(--mgv-muted); }
@@ -45,7 +35,6 @@ const CSS = `
 .mgv-samp .mgv-hint { color: var(--mgv-muted); font-size: 12px; }
 .mgv-samp .mgv-summary { margin: 4px 0 6px; }
 .mgv-samp .mgv-summary b { font-variant-numeric: tabular-nums; }
-.mgv-samp .mgv-approx { color: var(--mgv-mark); }
 .mgv-samp .mgv-legend { color: var(--mgv-muted); font-size: 12px; margin-bottom: 4px; display: flex; gap: 14px; flex-wrap: wrap; }
 .mgv-samp .mgv-swatch { display: inline-block; width: 14px; height: 9px; vertical-align: middle; margin-right: 4px; border-radius: 2px; }
 .mgv-samp .mgv-bars { max-height: 440px; overflow-y: auto; border-top: 1px solid var(--mgv-line); padding-top: 4px;
@@ -67,126 +56,69 @@ const CSS = `
 .mgv-samp .mgv-num { text-align: right; font-variant-numeric: tabular-nums; font-size: 12px; min-width: 4.2em; }
 `;
 
-function el_(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
-    else node.setAttribute(k, v);
-  }
-  for (const c of children) node.append(c);
-  return node;
-}
-
 function f32FromBase64(b64) {
-  const bin = atob(b64);
-  const bytes = new Uint8Array(bin.length);
-  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-  const view = new DataView(bytes.buffer);
-  const out = new Float64Array(bytes.length / 4);
+  const view = new DataView(bytesFromBase64(b64).buffer);
+  const out = new Float64Array(view.byteLength / 4);
   for (let i = 0; i < out.length; i++) out[i] = view.getFloat32(4 * i, true);
   return out;
 }
 
-function logSumExp(values) {
-  let m = -Infinity;
-  for (const v of values) if (v > m) m = v;
-  if (m === -Infinity) return m;
-  let s = 0;
-  for (const v of values) s += Math.exp(v - m);
-  return m + Math.log(s);
+// Token ids by logit, most likely first, ties by id: the filters keep a prefix of this order
+// (temperature > 0 does not change it), and greedy's argmax is its first token.
+function rankOrder(logit) {
+  return Int32Array.from(logit, (_, i) => i).sort((a, b) => logit[b] - logit[a] || a - b);
 }
 
-function gridIndex(grid, t) {
-  return grid.findIndex((g) => Math.abs(g - t) < 1e-9);
+// exp(z - logsumexp) over the first n tokens of `order`; the rest get 0.
+function softmaxPrefix(z, order, n) {
+  const out = new Float64Array(z.length);
+  const top = z[order[0]];
+  let sum = 0;
+  for (let r = 0; r < n; r++) sum += Math.exp(z[order[r]] - top);
+  const lse = top + Math.log(sum);
+  for (let r = 0; r < n; r++) out[order[r]] = Math.exp(z[order[r]] - lse);
+  return out;
 }
 
-function nearest(grid, t) {
-  let best = 0;
-  grid.forEach((g, i) => { if (Math.abs(g - t) < Math.abs(grid[best] - t)) best = i; });
-  return best;
-}
-
-// The filtered distribution of one step. `logit` is the shipped logits, most likely first.
-export function filterStep(logit, tail, settings) {
-  const grid = tail ? tail.temps : [1.0];
-  const N = logit.length;
+// The distribution of one step: probabilities by token id, and nKeep, how many tokens of
+// `order` survive the filters (always a prefix of it).
+export function filterStep(logit, order, settings) {
+  const V = logit.length;
   const T = settings.temperature;
-  const k = settings.top_k | 0;
-  const p = settings.top_p;
-  const minP = settings.min_p;
-  const g1 = gridIndex(grid, 1.0);
-  const z1 = logSumExp([...logit, ...(tail ? [tail.lse[g1]] : [])]);
-  const modelProbs = Array.from(logit, (v) => Math.exp(v - z1));
-  const modelOther = tail ? Math.exp(tail.lse[g1] - z1) : 0;
-  const probs = new Float64Array(N);
+  const modelProbs = softmaxPrefix(logit, order, V);
   if (T === 0) { // greedy: the argmax (lowest id among ties) gets everything
-    probs[0] = 1;
-    return { probs, nKeep: 1, other: 0, otherKept: false, exact: true, entropy: 0, modelProbs, modelOther };
+    const probs = new Float64Array(V);
+    probs[order[0]] = 1;
+    return { probs, nKeep: 1, entropy: 0, modelProbs };
   }
-  let exact = true;
-  let gi = gridIndex(grid, T);
-  if (gi < 0) { // off the grid (never from the slider): the nearest summary, flagged
-    gi = nearest(grid, T);
-    exact = !tail;
+  const z = logit.map((v) => v / T);
+  let n = V;
+  const k = settings.top_k | 0;
+  if (k > 0 && k < V) { // top-k, ties with the k-th kept
+    n = k;
+    while (n < V && z[order[n]] >= z[order[k - 1]]) n++;
   }
-  const z = Array.from(logit, (v) => v / T);
-  let nKeep = N; // the kept shipped tokens are always a prefix
-  let tailKept = !!tail;
-  const tailLse = tail ? tail.lse[gi] : -Infinity;
-  const tMax = tail ? tail.max / T : -Infinity;
-  const tMin = tail ? tail.min / T : -Infinity;
-  const norm = () => logSumExp([...z.slice(0, nKeep), ...(tailKept ? [tailLse] : [])]);
-
-  if (k > 0) { // top-k, ties with the k-th kept
-    const kk = Math.min(k, N + (tail ? tail.count : 0));
-    if (kk <= N) {
-      const kth = z[kk - 1];
-      nKeep = z.filter((v) => v >= kth).length;
-      if (tailKept) {
-        if (tMin >= kth) { /* every other token ties with the k-th: all kept */ }
-        else if (tMax >= kth) exact = false;
-        else tailKept = false;
-      }
-    } else {
-      exact = false;
-    }
-  }
-  if (p < 1) { // top-p: remove a token once the more likely ones reach p
-    const Z = norm();
+  if (settings.top_p < 1) { // top-p: remove a token once the more likely ones reach p
+    const probs = softmaxPrefix(z, order, n);
     let before = 0;
-    let newKeep = 0;
-    for (let i = 0; i < nKeep; i++) {
-      if (before >= p) break;
-      newKeep = i + 1;
-      before += Math.exp(z[i] - Z);
-    }
-    nKeep = newKeep;
-    if (tailKept) {
-      if (before >= p) tailKept = false;
-      else if (!(1 - Math.exp(tMin - Z) < p)) exact = false;
-    }
+    let kept = 0;
+    while (kept < n && before < settings.top_p) before += probs[order[kept++]];
+    n = kept;
   }
-  if (minP > 0) { // min-p: keep p_i >= min_p * p_max
-    const Z = norm();
-    const threshold = minP * Math.exp(z[0] - Z);
-    let count = 0;
-    for (let i = 0; i < nKeep; i++) if (Math.exp(z[i] - Z) >= threshold) count++;
-    nKeep = count;
-    if (tailKept) {
-      if (Math.exp(tMax - Z) < threshold) tailKept = false;
-      else if (Math.exp(tMin - Z) < threshold) exact = false;
-    }
+  if (settings.min_p > 0) { // min-p: keep p >= min_p * the top probability
+    const probs = softmaxPrefix(z, order, n);
+    const threshold = settings.min_p * probs[order[0]];
+    let kept = 0;
+    while (kept < n && probs[order[kept]] >= threshold) kept++;
+    n = kept;
   }
-  const Z = norm();
+  const probs = softmaxPrefix(z, order, n);
   let entropy = 0;
-  for (let i = 0; i < nKeep; i++) {
-    probs[i] = Math.exp(z[i] - Z);
-    entropy -= probs[i] * (z[i] - Z);
+  for (let r = 0; r < n; r++) {
+    const q = probs[order[r]];
+    if (q > 0) entropy -= q * Math.log(q);
   }
-  const other = tailKept ? Math.exp(tailLse - Z) : 0;
-  if (tailKept) entropy += other * (Z - tail.mean[gi]);
-  return { probs, nKeep, other, otherKept: tailKept, exact, entropy, modelProbs, modelOther };
+  return { probs, nKeep: n, entropy, modelProbs };
 }
 
 function pct(x) {
@@ -206,31 +138,22 @@ const SLIDERS = [
     show: (v) => (v <= 0 ? "off" : v.toFixed(2)), hint: "keep p \u2265 min-p \u00d7 top probability" },
 ];
 
-// Native controls (selects, sliders, checkboxes) follow `color-scheme`. Derive it from the text
-// colour we inherit, which is right even where a dark page puts outputs on a light panel.
-function adaptScheme(root) {
-  const m = getComputedStyle(root).color.match(/[\d.]+/g);
-  if (!m || m.length < 3) return;
-  const [r, g, b] = m.slice(0, 3).map(Number);
-  root.style.colorScheme = 0.2126 * r + 0.7152 * g + 0.0722 * b > 128 ? "dark" : "light";
-}
-
-// Run `fn` once `node` is in the document (anywidget may render before attaching the view).
-function whenConnected(node, fn, tries = 600) {
-  if (node.isConnected) fn();
-  else if (tries > 0) requestAnimationFrame(() => whenConnected(node, fn, tries - 1));
+// One step of the payload, decoded and ranked; chosenRank is the drawn token's place in `order`.
+function prepareStep({ logits, chosen }) {
+  const logit = f32FromBase64(logits);
+  const order = rankOrder(logit);
+  return { logit, order, chosen, chosenRank: chosen === null ? -1 : order.indexOf(chosen) };
 }
 
 function render({ model, el }) {
   const data = model.get("_data");
-  const steps = data.steps.map((s) => ({ ...s, logit: f32FromBase64(s.logits) }));
-  const S = steps.length;
+  const S = data.steps.length;
+  const prepared = []; // a step is decoded and sorted when first shown, not all at load
+  const stepAt = (i) => (prepared[i] ??= prepareStep(data.steps[i]));
   const label = (id) => data.labels[String(id)] ?? String(id);
   const isTrace = !!data.pieces;
 
-  const root = el_("div", { class: "mgv-samp" });
-  root.append(el_("style", { text: CSS }));
-  if (data.title) root.append(el_("div", { class: "mgv-title", text: data.title }));
+  const root = widgetRoot("mgv-samp", CSS, data.title);
   const context = el_("div", { class: "mgv-context mgv-mono", "data-role": "context" });
   root.append(context);
 
@@ -299,7 +222,7 @@ function render({ model, el }) {
       parts.push(el_("span", { text: data.pieces.slice(0, step).join("") }));
       const piece = data.pieces[step];
       // A blank piece (a space, a newline) would be an empty box: show its visible label instead.
-      const shown = /^\s*$/.test(piece) ? label(steps[step].chosen) : piece;
+      const shown = /^\s*$/.test(piece) ? label(data.steps[step].chosen) : piece;
       parts.push(el_("span", { class: "mgv-now", title: `token sampled at step ${step + 1}`, text: shown }));
     } else {
       parts.push(el_("span", { class: "mgv-next", text: "?" }));
@@ -309,7 +232,7 @@ function render({ model, el }) {
     if (now && context.scrollHeight > context.clientHeight) context.scrollTop = context.scrollHeight;
   }
 
-  function row(rank, id, name, prob, modelProb, kept, scale, exact, extraClass) {
+  function row(rank, id, name, prob, modelProb, kept, scale, extraClass) {
     const tip = `${name}${typeof id === "number" ? ` (id ${id})` : ""}: model ${pct(modelProb)}, ` +
       (kept ? `after temperature and filters ${pct(prob)}` : "removed by the filters");
     const track = el_("div", { class: "mgv-track", title: tip });
@@ -324,7 +247,7 @@ function render({ model, el }) {
       bar.style.width = `${(100 * prob) / scale}%`;
       track.append(bar);
     }
-    const num = kept ? (exact ? "" : "\u2248") + pct(prob) : "\u2013";
+    const num = kept ? pct(prob) : "\u2013";
     return el_("div", { class: "mgv-row" + (extraClass ? " " + extraClass : ""),
       "data-token-id": String(id), "data-prob": prob.toPrecision(10), "data-model-prob": modelProb.toPrecision(10),
       "data-kept": kept ? "1" : "0", "data-rank": String(rank) },
@@ -343,40 +266,38 @@ function render({ model, el }) {
       input.value = String(settings[name]);
       out.textContent = spec.show(settings[name]);
     }
-    const st = steps[step];
-    const f = filterStep(st.logit, st.tail, settings);
-    let scale = 1e-12;
-    for (let i = 0; i < st.ids.length; i++) scale = Math.max(scale, f.probs[i], f.modelProbs[i]);
-    if (st.tail) scale = Math.max(scale, f.other, f.modelOther);
-    const rows = st.ids.map((id, i) => row(i, id, label(id), f.probs[i], f.modelProbs[i], i < f.nKeep,
-      scale, f.exact, id === st.chosen ? "mgv-chosen" : ""));
-    if (st.tail) {
-      rows.push(row("", "other", `other (${st.tail.count})`, f.other, f.modelOther, f.otherKept, scale, f.exact, "mgv-other"));
+    const st = stepAt(step);
+    const f = filterStep(st.logit, st.order, settings);
+    const V = st.logit.length;
+    const n = Math.min(data.n_top, V); // bars of their own; the rest share the "other" bar
+    let other = 0;
+    let modelOther = 0;
+    for (let r = n; r < V; r++) {
+      other += f.probs[st.order[r]];
+      modelOther += f.modelProbs[st.order[r]];
     }
+    let scale = Math.max(1e-12, other, modelOther);
+    for (let r = 0; r < n; r++) scale = Math.max(scale, f.probs[st.order[r]], f.modelProbs[st.order[r]]);
+    const rows = Array.from(st.order.subarray(0, n), (id, r) => row(r, id, label(id), f.probs[id],
+      f.modelProbs[id], r < f.nKeep, scale, id === st.chosen ? "mgv-chosen" : ""));
+    if (n < V) rows.push(row("", "other", `other (${V - n})`, other, modelOther, f.nKeep > n, scale, "mgv-other"));
     bars.replaceChildren(...rows);
     bars.dataset.step = String(step);
     bars.dataset.entropy = f.entropy.toPrecision(10);
-    bars.dataset.exact = f.exact ? "1" : "0";
     bars.dataset.keptCount = String(f.nKeep);
 
-    const shown = st.ids.length;
-    const tailText = st.tail ? ` (+ ${f.otherKept ? pct(f.other) : "none"} from the ${st.tail.count} others)` : "";
+    const rest = n < V ? ` (+ ${f.nKeep > n ? pct(other) : "none"} from the ${V - n} others)` : "";
     summary.replaceChildren(
-      "kept ", el_("b", { text: String(f.nKeep) }), ` of ${shown} shown tokens${tailText} \u00b7 entropy `,
-      el_("b", { "data-role": "entropy", text: (f.exact ? "" : "\u2248") + f.entropy.toFixed(3) }), " nats",
-      ...(f.exact ? [] : [el_("span", { class: "mgv-approx", text:
-        " \u00b7 \u2248: a filter cuts through the tokens not shipped; they are kept as one block" })]));
+      "kept ", el_("b", { text: String(f.nKeep) }), ` of ${V} tokens${rest} \u00b7 entropy `,
+      el_("b", { "data-role": "entropy", text: f.entropy.toFixed(3) }), " nats");
 
     if (isTrace) {
       stepText.textContent = `token ${step + 1} of ${S}`;
       prev.disabled = step === 0;
       next.disabled = step === S - 1;
-      const inTop = st.chosen_rank !== null && st.chosen_rank < shown;
-      const where = inTop ? `rank ${st.chosen_rank + 1}` : `rank ${st.chosen_rank + 1}, among the others`;
-      const pNow = inTop ? st.ids.indexOf(st.chosen) : -1;
-      const keptNow = inTop ? pNow < f.nKeep : f.otherKept;
+      const where = `rank ${st.chosenRank + 1}${st.chosenRank < n ? "" : ", among the others"}`;
       chosenText.replaceChildren("sampled ", el_("b", { class: "mgv-mono", text: label(st.chosen) }),
-        ` (${where}${keptNow ? "" : "; removed by the current settings"})`);
+        ` (${where}${st.chosenRank < f.nKeep ? "" : "; removed by the current settings"})`);
     }
     drawContext(step);
   }

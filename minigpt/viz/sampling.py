@@ -1,222 +1,42 @@
 """Sampling explorer: how temperature, top-k, top-p and min-p reshape the next-token distribution.
 
-Python ships the logits of the next token and ``sampling.js`` applies the filters in the browser,
-exactly as :func:`minigpt.generate.next_token_probs` does and in the same order (temperature,
-top-k with ties kept, top-p keeping the most likely token and the smallest set whose mass is
->= p, min-p relative to the top probability; temperature 0 is greedy). The repetition penalty
-is not a slider: a trace made with one records the logits *after* the penalty, so the JavaScript
-starts from the same numbers the sampler saw.
+Python ships each step's whole logits row (float32, base64: 4 bytes a token, about 11 KB for a
+2,048-token vocabulary, 268 KB for GPT-2's 50,257) and ``sampling.js`` applies the filters
+in the browser to all of it, as :func:`minigpt.generate.next_token_probs` does and in the same
+order (temperature, top-k with ties kept, top-p keeping the most likely token and the smallest
+set whose mass is >= p, min-p relative to the top probability; temperature 0 is greedy). So the
+numbers shown are the sampler's at any setting; the browser tests check them against
+``next_token_probs``, which :meth:`SamplingExplorer.distribution` and :func:`plot_sampling`
+call on the same rows. The repetition penalty is not a slider: a trace made with one records the
+logits *after* the penalty, so the JavaScript starts from the same numbers the sampler saw.
 
-**What is shipped, and when it is exact.** A vocabulary can be 50k tokens, so each step sends the
-``n_top`` largest logits exactly (float32; more if the ``n_top``-th is tied, so no tie straddles
-the cut) and summarises the remaining ``V - n_top`` as "other": their count, largest and smallest
-logit, and for every temperature of the slider's grid (0.05, 0.10 ... 2.00, plus the temperatures
-the explorer was built with) their log-sum-exp and mean (what the normaliser and the entropy need). From that the widget is exact whenever the
-kept set is within the shipped tokens, or includes *all* the others: the shown probabilities,
-the "other" bar and the entropy then equal ``next_token_probs`` (up to float32 vs float64
-rounding). The tokens outside the top ``n_top`` are always less likely than the shipped ones, so
-the filters treat "other" as a block at the end; the one case that cannot be exact is a filter
-cutting *through* the other tokens (top-p needing some but not all of them, or min-p's
-threshold falling between their smallest and largest probability). The widget then keeps the
-whole block, marks the numbers with "≈" and sets ``data-exact="0"``. With a vocabulary of at
-most ``n_top`` tokens (a character model) nothing is summarised and everything is exact.
-:func:`filtered_distribution` is the Python twin of that JavaScript, line for line.
-
-Ties: the tokens are sorted by logit, then by id. When top-p must choose between tied tokens,
+Ties: the tokens are ranked by logit, then by id. When top-p must choose between tied tokens,
 the widget keeps the lower id; ``torch.sort`` leaves that order unspecified.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import traitlets
 
-from minigpt.generate import apply_repetition_penalty, generate
-from minigpt.model import GPT
-from minigpt.viz._common import TextTokenizer, b64decode, b64encode, prompt_ids, token_label
+from minigpt.generate import apply_repetition_penalty, generate, next_token_probs, top_k_filter
+from minigpt.model import GPT, evaluating
+from minigpt.viz._common import TextTokenizer, b64encode, prompt_ids, token_label
 from minigpt.viz._widget import StaticHTMLWidget, read_module
 
-TEMPERATURE_STEP = 0.05
 TEMPERATURE_MAX = 2.0
-# The slider's temperatures (0 = greedy is handled apart): the "other" block is summarised at each.
-TEMPERATURE_GRID: tuple[float, ...] = tuple(round(TEMPERATURE_STEP * i, 2)
-                                            for i in range(1, round(TEMPERATURE_MAX / TEMPERATURE_STEP) + 1))
-_TIE_EXTENSION = 4  # ship at most n_top * this many tokens to keep a tie from straddling the cut
+# The largest vocabulary the explorer ships whole rows of: GPT-2's 50,257 tokens are 268 KB a step.
+MAX_VOCAB = 65_536
 
 
-def _grid_index(grid: Sequence[float], temperature: float) -> int | None:
-    """Where ``temperature`` is in ``grid`` (None if absent): the summaries are per temperature."""
-    for i, t in enumerate(grid):
-        if abs(t - temperature) < 1e-9:
-            return i
-    return None
-
-
-def _nearest(grid: Sequence[float], temperature: float) -> int:
-    return min(range(len(grid)), key=lambda i: abs(grid[i] - temperature))
-
-
-def temperature_grid(*extra: float) -> list[float]:
-    """The slider's temperatures plus ``extra`` ones (those the explorer starts at), sorted."""
-    grid = set(TEMPERATURE_GRID)
-    for t in extra:
-        if 0 < t and _grid_index(list(grid), t) is None:
-            grid.add(float(t))
-    return sorted(grid)
-
-
-def _sig(x: float, digits: int = 10) -> float:
-    return float(f"{x:.{digits}g}")
-
-
-def encode_step(logits: torch.Tensor, n_top: int = 50, chosen: int | None = None,
-                grid: Sequence[float] = TEMPERATURE_GRID) -> dict[str, Any]:
-    """One step of the payload: the ``n_top`` largest logits and the summary of the rest at
-    every temperature of ``grid`` (which must hold 1.0, for the model's own probabilities)."""
-    if _grid_index(grid, 1.0) is None:
-        raise ValueError("the temperature grid must include 1.0")
-    values = logits.detach().float().cpu().reshape(-1).numpy()
-    V = values.size
-    order = np.lexsort((np.arange(V), -values.astype(np.float64)))  # by logit desc, then by id
-    n = min(n_top, V)
-    cap = min(V, max(n, n_top * _TIE_EXTENSION))
-    while n < cap and values[order[n]] == values[order[n - 1]]:
-        n += 1
-    top = order[:n]
-    step: dict[str, Any] = {"ids": top.tolist(), "logits": b64encode(values[top].astype("<f4")), "tail": None,
-                            "chosen": None if chosen is None else int(chosen), "chosen_rank": None}
-    if n < V:
-        rest = values[order[n:]].astype(np.float64)
-        z = rest[None, :] / np.asarray(grid, np.float64)[:, None]  # (grid, V - n)
-        m = z.max(axis=1, keepdims=True)
-        e = np.exp(z - m)
-        s = e.sum(axis=1, keepdims=True)
-        lse = (m + np.log(s))[:, 0]
-        mean = ((e * z).sum(axis=1, keepdims=True) / s)[:, 0]
-        step["tail"] = {"count": int(V - n), "max": float(rest[0]), "min": float(rest[-1]),
-                        "temps": [float(t) for t in grid],
-                        "lse": [_sig(x) for x in lse], "mean": [_sig(x) for x in mean]}
-    if chosen is not None:
-        step["chosen_rank"] = int(np.nonzero(order == int(chosen))[0][0])
-    return step
-
-
-@dataclass
-class Filtered:
-    """The distribution the widget shows for one step (see :func:`filtered_distribution`)."""
-
-    ids: list[int]  # the shipped tokens, most likely first
-    probs: np.ndarray  # their probability after temperature and filters
-    kept: np.ndarray  # bool: survived the filters
-    other: float  # probability of the V - n summarised tokens together (0 if none or removed)
-    other_kept: bool
-    exact: bool  # False when a filter cut through the summarised tokens (see module docstring)
-    entropy: float  # nats, of the filtered distribution
-    model_probs: np.ndarray  # the model's own probabilities (temperature 1, no filter)
-    model_other: float
-
-
-def _lse(values: Iterable[float]) -> float:
-    v = np.fromiter(values, np.float64)
-    if v.size == 0:
-        return float("-inf")
-    m = v.max()
-    return float(m + np.log(np.exp(v - m).sum()))
-
-
-def filtered_distribution(step: dict[str, Any], *, temperature: float = 1.0, top_k: int | None = 0,
-                          top_p: float = 1.0, min_p: float = 0.0) -> Filtered:
-    """What ``sampling.js`` computes, in Python: the filters of :mod:`minigpt.generate` applied to
-    one step of the payload (``top_k`` 0 or None = off, ``top_p`` 1 = off, ``min_p`` 0 = off).
-
-    Keep this and ``filterStep`` in sampling.js in step: the tests compare this function with
-    ``next_token_probs`` and the browser's numbers with both.
-    """
-    ids = list(step["ids"])
-    logit = b64decode(step["logits"], "<f4").astype(np.float64)
-    N = logit.size
-    tail = step.get("tail")
-    k = int(top_k or 0)
-    temps = tail["temps"] if tail else [1.0]
-    g1 = _grid_index(temps, 1.0)
-    z1_lse = _lse([*logit, *([tail["lse"][g1]] if tail else [])])
-    model_probs = np.exp(logit - z1_lse)
-    model_other = float(np.exp(tail["lse"][g1] - z1_lse)) if tail else 0.0
-
-    probs = np.zeros(N)
-    if temperature == 0:  # greedy: the argmax (lowest id among ties) gets everything
-        probs[0] = 1.0
-        kept = np.zeros(N, bool)
-        kept[0] = True
-        return Filtered(ids, probs, kept, 0.0, False, True, 0.0, model_probs, model_other)
-
-    exact = True
-    gi = _grid_index(temps, temperature)
-    if gi is None:  # off the grid (never from the slider): the nearest summary, flagged
-        gi = _nearest(temps, temperature)
-        exact = tail is None
-    z = logit / temperature
-    n_keep = N  # the kept shipped tokens are always a prefix of the sorted list
-    tail_kept = tail is not None
-    tail_lse = tail["lse"][gi] if tail else float("-inf")
-    t_max = tail["max"] / temperature if tail else float("-inf")
-    t_min = tail["min"] / temperature if tail else float("-inf")
-
-    def norm() -> float:
-        return _lse([*z[:n_keep], *([tail_lse] if tail_kept else [])])
-
-    if k > 0:
-        total = N + (tail["count"] if tail else 0)
-        kk = min(k, total)
-        if kk <= N:
-            kth = z[kk - 1]
-            n_keep = int(np.sum(z >= kth))
-            if tail_kept:
-                if t_min >= kth:
-                    pass  # every other token ties with the k-th: all kept
-                elif t_max >= kth:
-                    exact = False  # some kept: keep the block
-                else:
-                    tail_kept = False
-        else:
-            exact = False  # the k-th token is among the summarised ones
-    if top_p < 1.0:
-        Z = norm()
-        before = 0.0
-        new_keep = 0
-        for i in range(n_keep):
-            if before >= top_p:
-                break
-            new_keep = i + 1
-            before += float(np.exp(z[i] - Z))
-        n_keep = new_keep
-        if tail_kept:
-            if before >= top_p:
-                tail_kept = False
-            elif not (1.0 - float(np.exp(t_min - Z)) < top_p):
-                exact = False  # the nucleus ends among the summarised tokens
-    if min_p > 0.0:
-        Z = norm()
-        threshold = min_p * float(np.exp(z[0] - Z))
-        n_keep = int(np.sum(np.exp(z[:n_keep] - Z) >= threshold))
-        if tail_kept:
-            if float(np.exp(t_max - Z)) < threshold:
-                tail_kept = False
-            elif float(np.exp(t_min - Z)) < threshold:
-                exact = False
-    Z = norm()
-    probs[:n_keep] = np.exp(z[:n_keep] - Z)
-    other = float(np.exp(tail_lse - Z)) if tail_kept else 0.0
-    entropy = float(-np.sum(probs[:n_keep] * (z[:n_keep] - Z)))
-    if tail_kept:
-        entropy += other * (Z - tail["mean"][gi])
-    kept = np.arange(N) < n_keep
-    return Filtered(ids, probs, kept, other, tail_kept, exact, entropy, model_probs, model_other)
+def _probs(row: torch.Tensor, *, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """The (V,) distribution ``sampling.js`` shows for one logits row at the widget's settings
+    (``top_k`` 0 = off): :func:`~minigpt.generate.next_token_probs`, so Python and the page read the same filters."""
+    return next_token_probs(row[None], temperature=temperature, top_k=top_k or None, top_p=top_p,
+                            min_p=min_p)[0]
 
 
 def _labels_for(tokenizer: Any, labels: Sequence[str] | None, ids: Iterable[int]) -> dict[str, str]:
@@ -303,7 +123,11 @@ class SamplingExplorer(StaticHTMLWidget):
                  temperature: float = 1.0, top_k: int | None = 0, top_p: float | None = 1.0,
                  min_p: float | None = 0.0, step: int = 0, trace: dict[str, Any] | None = None,
                  title: str = "", **kwargs: Any) -> None:
-        """``logits``: (V,) for one next token, or (steps, V) for a trace with ``chosen`` tokens."""
+        """``logits``: (V,) for one next token, or (steps, V) for a trace with ``chosen`` tokens.
+
+        The ``n_top`` most likely tokens of a step get a bar each (the rest share one "other" bar),
+        and top-k goes up to ``n_top``. Every row is shipped whole, so V is at most :data:`MAX_VOCAB`.
+        """
         logits = torch.as_tensor(logits).detach().float().cpu()
         if logits.dim() == 1:
             logits = logits[None]
@@ -314,6 +138,9 @@ class SamplingExplorer(StaticHTMLWidget):
         if n_top < 1:
             raise ValueError(f"n_top={n_top} must be >= 1")
         S, V = logits.shape
+        if V > MAX_VOCAB:
+            raise ValueError(f"a vocabulary of {V:,} tokens is more than the {MAX_VOCAB:,} the explorer ships "
+                             "whole rows of (4 bytes a token a step)")
         if chosen is not None and len(chosen) != S:
             raise ValueError(f"{len(chosen)} chosen tokens for {S} steps")
         if labels is not None and len(labels) != V:
@@ -323,15 +150,14 @@ class SamplingExplorer(StaticHTMLWidget):
         self.n_steps = S
         self.max_top_k = min(n_top, V)
         self.chosen = [int(c) for c in chosen] if chosen is not None else None
-        self._temps = temperature_grid(temperature, *([trace["temperature"]] if trace else []))
-        steps = [encode_step(logits[s], n_top, None if chosen is None else chosen[s], self._temps)
-                 for s in range(S)]
-        self._summarised = any(st["tail"] is not None for st in steps)
-        self._steps = steps
-        shown = {i for st in steps for i in st["ids"]} | set(self.chosen or [])
+        steps = [{"logits": b64encode(row.numpy().astype("<f4")),
+                  "chosen": None if self.chosen is None else self.chosen[s]} for s, row in enumerate(logits)]
+        # Labels only for the tokens that get a bar: the n_top most likely of some step, ties
+        # included (whichever of them the page ranks first), and the drawn ones.
+        barred = torch.isfinite(top_k_filter(logits, self.max_top_k)).nonzero()[:, 1].tolist()
         payload = {
-            "title": title, "V": V, "n_top": self.max_top_k,
-            "labels": _labels_for(tokenizer, labels, sorted(shown)),
+            "title": title, "n_top": self.max_top_k,
+            "labels": _labels_for(tokenizer, labels, sorted({*barred, *(self.chosen or [])})),
             "prompt": prompt[-400:], "prompt_cut": len(prompt) > 400,
             "pieces": [_piece(tokenizer, c) for c in self.chosen] if self.chosen is not None else None,
             "trace": trace, "steps": steps,
@@ -345,13 +171,8 @@ class SamplingExplorer(StaticHTMLWidget):
         """The distribution of the token after ``prompt`` (text, or token ids)."""
         ids = prompt_ids(model, tokenizer, prompt)
         device = model.transformer.wte.weight.device
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                logits, _ = model(torch.tensor([ids], device=device), last_only=True)
-        finally:
-            model.train(was_training)
+        with evaluating(model), torch.no_grad():
+            logits, _ = model(torch.tensor([ids], device=device), last_only=True)
         text = _prompt_text(tokenizer, prompt, ids)
         return cls(logits[0, -1], tokenizer, prompt=text, **kwargs)
 
@@ -382,11 +203,11 @@ class SamplingExplorer(StaticHTMLWidget):
         """The full logits of every step, (steps, V) float32 (after any repetition penalty)."""
         return self._logits
 
-    def distribution(self, step: int | None = None) -> Filtered:
-        """What the widget shows now (or at ``step``), computed in Python."""
-        return filtered_distribution(self._steps[self.step if step is None else step],
-                                     temperature=self.temperature, top_k=self.top_k,
-                                     top_p=self.top_p, min_p=self.min_p)
+    def distribution(self, step: int | None = None) -> torch.Tensor:
+        """The (V,) probabilities the widget shows now (or at ``step``): :func:`next_token_probs`
+        on the very row the page was sent (:attr:`logits` holds it bit for bit)."""
+        return _probs(self._logits[self.step if step is None else step], temperature=self.temperature,
+                      top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
 
     @traitlets.validate("temperature")
     def _check_temperature(self, proposal: dict[str, Any]) -> float:
@@ -395,15 +216,6 @@ class SamplingExplorer(StaticHTMLWidget):
             return 0.0
         if not 0 < t <= TEMPERATURE_MAX:
             raise traitlets.TraitError(f"temperature={t} must be between 0 (greedy) and {TEMPERATURE_MAX}")
-        i = _grid_index(self._temps, t)
-        if i is not None:
-            return self._temps[i]
-        if self._summarised:  # the "other" block is summarised only at the grid's temperatures
-            near = self._temps[_nearest(self._temps, t)]
-            raise traitlets.TraitError(
-                f"temperature={t} is not on the explorer's grid (0, and {TEMPERATURE_STEP} to "
-                f"{TEMPERATURE_MAX} in steps of {TEMPERATURE_STEP}, plus the temperature it was built "
-                f"with); use e.g. {near:g}, or build the explorer with temperature={t}")
         return t
 
     @traitlets.validate("top_k")
@@ -411,7 +223,7 @@ class SamplingExplorer(StaticHTMLWidget):
         k = proposal["value"]
         if not 0 <= k <= self.max_top_k:
             raise traitlets.TraitError(f"top_k={k} must be between 0 (off) and {self.max_top_k}, the number "
-                                       "of tokens the explorer ships (raise n_top to allow more)")
+                                       "of tokens with a bar of their own (raise n_top to allow more)")
         return k
 
     @traitlets.validate("top_p")
@@ -473,13 +285,14 @@ def plot_sampling(logits: SamplingExplorer | torch.Tensor, tokenizer: Any = None
     for name, value in dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p).items():
         if value is not None:
             settings[name] = value
-    settings["top_k"] = settings["top_k"] or 0
-    f = filtered_distribution(encode_step(row, n_top, grid=temperature_grid(settings["temperature"])), **settings)
-    n = len(f.ids)
-    heights = [*f.probs.tolist(), *([f.other] if f.model_other > 0 else [])]
-    names_ = [label_of(i) for i in f.ids] + (["other"] if f.model_other > 0 else [])
-    kept = [*f.kept.tolist(), *([f.other_kept] if f.model_other > 0 else [])]
-    model_p = [*f.model_probs.tolist(), *([f.model_other] if f.model_other > 0 else [])]
+    probs = _probs(row, **settings).double()
+    own = row.double().softmax(-1)
+    order = torch.sort(row, descending=True, stable=True).indices  # by logit, then by id, as the page
+    ids, rest = order[:n_top], order[n_top:]
+    heights = [*probs[ids].tolist(), *([float(probs[rest].sum())] if len(rest) else [])]
+    names_ = [label_of(i) for i in ids.tolist()] + (["other"] if len(rest) else [])
+    kept = [*(probs[ids] > 0).tolist(), *([bool((probs[rest] > 0).any())] if len(rest) else [])]
+    model_p = [*own[ids].tolist(), *([float(own[rest].sum())] if len(rest) else [])]
     if ax is None:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(heights) + 1.5), 3.6))
     else:
@@ -491,12 +304,12 @@ def plot_sampling(logits: SamplingExplorer | torch.Tensor, tokenizer: Any = None
     ax.set_xticks(range(len(heights)), names_, rotation=90, fontsize=8)
     ax.set_ylabel("probability")
     ax.set_ylim(0, max(1e-9, *heights, *model_p) * 1.08)
-    kept_count = sum(kept[:n])
+    p = probs[probs > 0]
+    entropy = float(-(p * p.log()).sum())
     knobs = (f"T={settings['temperature']:g}" + (f", top-k={settings['top_k']}" if settings["top_k"] else "")
              + (f", top-p={settings['top_p']:g}" if settings["top_p"] < 1 else "")
              + (f", min-p={settings['min_p']:g}" if settings["min_p"] > 0 else ""))
-    approx = "" if f.exact else " (≈)"
-    ax.set_title(f"{knobs}: {kept_count} of {n} kept, entropy {f.entropy:.3f} nats{approx}", fontsize=10)
+    ax.set_title(f"{knobs}: {len(p)} of {len(row)} kept, entropy {entropy:.3f} nats", fontsize=10)
     ax.legend(loc="upper right", fontsize=8, frameon=False)
     fig.tight_layout()
     return fig, ax

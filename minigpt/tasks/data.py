@@ -1,4 +1,4 @@
-"""Instruction data with answers a program can check, and the evaluation that checks them.
+"""The examples of the tasks: instruction data with answers a program can check, and labelled text.
 
 Offline, every example comes from a small seeded program, so a test can assert that fine-tuning
 really worked (exact match on held-out questions) instead of eyeballing samples:
@@ -18,11 +18,6 @@ seed or size, and the same call always returns the same examples.
 
 Online, :func:`load_chat_data` maps Alpaca-cleaned and SmolTalk (through ``datasets``) onto the same
 :class:`~minigpt.chat.Conversation`, for the ``gpu``/``full`` profiles.
-
-:func:`exact_match` answers greedily, stopping at ``<|end|>``, and compares normalised answers;
-with ``few_shot`` examples it measures a base model instead, prompted with plain text
-("Q: ... A: ..."), so the chapter can put in-context learning and SFT side by side on the same
-held-out questions.
 """
 
 from __future__ import annotations
@@ -36,44 +31,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
-from minigpt.chat import END_OF_TURN, Conversation, Message, check_chat_tokenizer, render_prompt
+from minigpt.chat import Conversation, Message
 from minigpt.data import require_hub
-from minigpt.generate import complete
-from minigpt.model import GPT
-from minigpt.tokenizer import BPETokenizer
-
-__all__ = [
-    "BAD",
-    "ENTITY_TAGS",
-    "GOOD",
-    "HELD_OUT",
-    "Labeled",
-    "ONLINE",
-    "OnlineSet",
-    "PETS",
-    "SENTIMENTS",
-    "SPLITS",
-    "TASKS",
-    "Tagged",
-    "alpaca_conversation",
-    "answers",
-    "arithmetic",
-    "correct",
-    "entity_tags",
-    "even_digits",
-    "exact_match",
-    "few_shot_prompt",
-    "load_chat_data",
-    "make_task",
-    "mixture",
-    "normalize_answer",
-    "review_questions",
-    "reviews",
-    "smoltalk_conversation",
-    "split_of",
-    "string_tasks",
-    "world_qa",
-]
 
 T = TypeVar("T")
 
@@ -437,85 +396,3 @@ def load_chat_data(name: str, *, split: str = "train", limit: int | None = None,
         warnings.warn(f"{name}: skipped {bad} of {bad + len(out)} rows that are not valid conversations",
                       stacklevel=2)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, single spaces, no surrounding space or final full stop: "  85." == "85"."""
-    return " ".join(text.lower().split()).rstrip(".").strip()
-
-
-def correct(conversation: Conversation, response: str) -> float:
-    """1.0 if ``response`` is the conversation's answer (after :func:`normalize_answer`), else 0.0:
-    the verifiable reward of RL on arithmetic (GRPO)."""
-    return float(normalize_answer(response) == normalize_answer(conversation.answer))
-
-
-def even_digits(conversation: Conversation, response: str) -> float:
-    """A stand-in labeler with a simple, checkable taste: the share of the response's digits that
-    are even (0.0 without digits). It ignores the question -- and whether the answer is right --
-    which is the point: a reward model learns *this*, and RL against it shows what optimising a
-    proxy does (the RLHF chapter)."""
-    digits = [c for c in response if c.isdigit()]
-    return sum(c in "02468" for c in digits) / len(digits) if digits else 0.0
-
-
-def _plain(messages: Sequence[Message]) -> str:
-    """A conversation as plain text for a base model: context line, then Q:/A: lines."""
-    prefix = {"system": "", "user": "Q: ", "assistant": "A: "}
-    return "\n".join(prefix[m.role] + m.content for m in messages)
-
-
-def few_shot_prompt(shots: Sequence[Conversation], conversation: Conversation) -> str:
-    """Plain text that shows a base model worked examples, then the question::
-
-        Q: What is 12 + 5?
-        A: 17
-
-        Q: What is 37 + 48?
-        A:
-
-    The model's continuation up to the first newline is its answer.
-    """
-    return "".join(_plain(s.messages) + "\n\n" for s in shots) + _plain(conversation.prompt) + "\nA:"
-
-
-def answers(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation], *,
-            few_shot: Sequence[Conversation] | None = None, max_new_tokens: int | None = None,
-            batch_size: int = 64) -> list[str]:
-    """The model's greedy answer to the final question of each conversation.
-
-    Chat format (``few_shot`` None): prompt with :func:`~minigpt.chat.render_prompt`, answer up to
-    ``<|end|>``. Few-shot: prompt with :func:`few_shot_prompt`, answer up to the first newline.
-    ``max_new_tokens`` defaults to the longest expected answer's length plus 4.
-    """
-    if not conversations:
-        return []
-    if max_new_tokens is None:
-        max_new_tokens = max(len(tokenizer.encode(c.answer)) for c in conversations) + 4
-    if few_shot is None:
-        end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
-        prompts = [render_prompt(c, tokenizer) for c in conversations]
-        outs = complete(model, prompts, max_new_tokens, stop_tokens=[end], batch_size=batch_size)
-        return [tokenizer.decode(ids[:ids.index(end)] if end in ids else ids) for ids in outs]
-    newline = [i for i, b in tokenizer.vocab.items() if b"\n" in b]
-    prompts = [tokenizer.encode(few_shot_prompt(few_shot, c)) for c in conversations]
-    outs = complete(model, prompts, max_new_tokens, stop_tokens=newline, batch_size=batch_size)
-    return [tokenizer.decode(ids).split("\n", 1)[0] for ids in outs]
-
-
-def exact_match(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation], *,
-                few_shot: Sequence[Conversation] | None = None, max_new_tokens: int | None = None,
-                batch_size: int = 64) -> float:
-    """Fraction of conversations whose greedy answer equals the expected one after
-    :func:`normalize_answer`; see :func:`answers` for the two prompt formats."""
-    if not conversations:
-        raise ValueError("exact_match needs at least one conversation")
-    got = answers(model, tokenizer, conversations, few_shot=few_shot, max_new_tokens=max_new_tokens,
-                  batch_size=batch_size)
-    hits = sum(normalize_answer(g) == normalize_answer(c.answer) for g, c in zip(got, conversations))
-    return hits / len(conversations)

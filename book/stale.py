@@ -1,0 +1,61 @@
+"""Re-execute a chapter when the package code it runs changed, not only when its cells did.
+
+The book's execution cache (jupyter-cache, ``_build/.jupyter_cache``) is keyed on a notebook's
+code cells. A chapter whose cells are unchanged would show old outputs after a change to, say,
+``minigpt/sft.py``. ``python book/stale.py`` (``make book`` runs it first) computes each
+chapter's code digest: the ``minigpt`` modules its cells import and, for a chapter that uses
+cached runs (:mod:`minigpt.runs`), every stage's code too. It drops the cached execution of each
+chapter whose digest changed since the last build, and says why. The build then re-executes
+that chapter, and :func:`minigpt.runs.find_or_make` retrains the runs whose code changed.
+
+The digests of the last build are kept in ``_build/.minigpt-chapter-digests.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "_build" / ".jupyter_cache"
+DIGESTS = ROOT / "_build" / ".minigpt-chapter-digests.json"
+
+
+def chapter_digest(notebook: Path) -> tuple[str, list[str]]:
+    """The code digest of the package code a chapter runs, and the modules it covers."""
+    from minigpt.runs import STAGES, code_digest, imported_modules, module_closure
+
+    cells = json.loads(notebook.read_text())["cells"]
+    source = "\n".join(
+        "\n".join(line for line in "".join(c["source"]).splitlines() if not line.lstrip().startswith(("%", "!")))
+        for c in cells if c["cell_type"] == "code")
+    modules = imported_modules(source)
+    if "minigpt.runs" in module_closure(modules):  # the chapter may load (or train) any cached stage
+        modules |= {module for module, _, _ in STAGES.values()}
+    return code_digest(*modules) if modules else ("", [])
+
+
+def main() -> int:
+    from jupyter_cache import get_cache
+
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    old = json.loads(DIGESTS.read_text()) if DIGESTS.exists() else {}
+    new = {nb.name: chapter_digest(nb)[0] for nb in notebooks}
+    stale = [nb for nb in notebooks if nb.name in old and old[nb.name] != new[nb.name]]
+    if stale and CACHE.exists():
+        cache = get_cache(CACHE)
+        for nb in stale:
+            try:
+                cache.remove_cache(cache.match_cache_file(nb).pk)
+            except KeyError:  # no cached execution of these cells: it runs anyway
+                pass
+            print(f"{nb.name}: the package code it runs changed since the last build "
+                  f"({', '.join(chapter_digest(nb)[1][:6])}, ...): it runs again")
+    DIGESTS.parent.mkdir(parents=True, exist_ok=True)
+    DIGESTS.write_text(json.dumps(new, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""One recipe per scale: every size and setting of the book, stage by stage, in one frozen tree.
+
+A :class:`Recipe` holds what each chapter's stage needs (tokenizer, model, pretraining, SFT and
+LoRA, the RLHF stages, the appendix chapters), so a notebook never holds a constant of its own
+and never branches on scale: it reads ``R = minigpt.recipe()`` and uses ``R.sft.steps``.
+Four named recipes (:data:`RECIPES`) cover a CI machine (``ci``), a laptop CPU (``cpu``), one
+Colab-class GPU (``gpu``) and GPT-2 124M-class runs under ``torchrun`` (``full``). Any field can
+be overridden by its dotted path, here and on the command line (``--sft.steps 800``).
+
+How each setting was chosen, with the command that reproduces it, is in the book's page
+"How the recipes were chosen" (``book/recipes.md``); the code keeps only the reasons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from minigpt.rlhf.dpo import DPOConfig
+from minigpt.rlhf.grpo import GRPOConfig
+from minigpt.rlhf.ppo import PPOConfig
+
+__all__ = ["RECIPES", "Recipe", "default_recipe_name", "flatten", "override", "parse_value", "recipe"]
+
+
+@dataclass(frozen=True)
+class TokenizerRecipe:
+    """Chapter 1: the BPE tokenizer trained on the corpus, or GPT-2's own."""
+
+    kind: str  # "bpe" (trained on the corpus to vocab_size) or "gpt2"
+    corpus_chars: int  # characters of the corpus's training text the BPE learns from
+    vocab_size: int  # 256 byte tokens + merges + specials (the padded model vocabulary for "gpt2")
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """Chapters 2-3: the GPT's shape (its vocabulary comes from the tokenizer)."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+
+
+@dataclass(frozen=True)
+class OptimRecipe:
+    """AdamW and its schedule, shared by every stage that trains with the Trainer."""
+
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95  # GPT-3's: steadier than 0.999 for language models
+    grad_clip: float = 1.0  # 0 turns clipping off
+    min_lr_ratio: float = 0.1  # cosine decays to a tenth of the peak
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """Chapter 4: pretraining, and the chapter's optimiser experiments."""
+
+    corpus: str  # a name in minigpt.data.CORPORA
+    batch_size: int  # sequences per micro-batch per process
+    total_batch_tokens: int  # tokens per optimizer step across processes (sets grad_accum)
+    steps: int
+    warmup_steps: int
+    learning_rate: float
+    eval_interval: int  # also when checkpoints are written and a sample is printed
+    experiment_steps: int  # each of the chapter's by-hand optimiser runs
+    sgd_learning_rate: float  # plain SGD needs a far larger step than AdamW
+    resume_steps: int = 20  # the kill-and-resume check: bitwise equality needs no long run
+
+
+@dataclass(frozen=True)
+class SFTRecipe:
+    """Chapter 5: full fine-tuning on arithmetic (the run the RLHF stages start from)."""
+
+    base: str  # "pretrained" or "fresh": the better start at this size
+    steps: int
+    batch_size: int  # conversations per micro-batch
+    learning_rate: float
+    warmup_steps: int
+    max_operand: int  # sums and differences of 0..max_operand
+    n_test: int | None  # held-out problems for exact match (None: all of them)
+    eval_interval: int
+    keep_steps: tuple[int, ...]  # checkpoints kept beside the last one: RL starts from one
+    train_examples: int = 20_000  # of a generated task or the mixture (arithmetic enumerates every problem)
+
+
+@dataclass(frozen=True)
+class LoRARecipe:
+    """Chapter 5: LoRA on the same task (data, batches and warmup are SFT's)."""
+
+    steps: int  # LoRA learns more slowly per step: it gets more of them
+    learning_rate: float  # adapters want a larger step than full weights
+    rank: int  # the smallest that keeps LoRA under 5% of the parameters at this width
+    token_rows: int  # embedding rows that train: the chat tokens, then the answers' commonest
+    train_also: tuple[str, ...]  # small modules that train in full (apply_lora's train_also)
+
+
+@dataclass(frozen=True)
+class RewardRecipe:
+    """Chapter 6: the reward model trained on the rule's preferences."""
+
+    steps: int
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class RLHFRecipe:
+    """Chapter 6: where RL starts, the shared evaluation, and each stage's own settings."""
+
+    start_step: int  # the policy: chapter 5's SFT run at this kept step
+    n_test: int | None  # held-out problems for exact match, KL and pair accuracy (None: all)
+    pair_samples: int  # responses per prompt labelled to make a pair
+    pair_prompts: int  # prompts turned into pairs (train split)
+    reward: RewardRecipe
+    ppo: PPOConfig
+    dpo: DPOConfig
+    grpo: GRPOConfig
+    max_new_tokens: int = 6  # answers are a few digits and <|end|>
+    test_on_all: bool = False  # evaluate on every problem, train split too (one-digit sums hold out only 17)
+
+
+@dataclass(frozen=True)
+class ClassifyRecipe:
+    """Chapter 8: fine-tuning for classification."""
+
+    n_train: int
+    n_test: int
+    steps: int
+    batch_size: int
+    learning_rate: float  # full fine-tuning
+    head_learning_rate: float  # a frozen trunk: only the head moves, so it takes larger steps
+    lora_learning_rate: float
+    lora_rank: int
+    warmup_steps: int
+    max_clauses: int = 3  # clauses per review: the sentiment rule reads every one, so fewer is easier
+
+
+@dataclass(frozen=True)
+class GenerationRecipe:
+    """Chapter 7: the decoding comparison and the KV-cache timing."""
+
+    rows: int  # sequences generated per decoding setting
+    timing_reps: int  # repetitions per timed decoding step
+
+
+@dataclass(frozen=True)
+class BlocksRecipe:
+    """Chapter 9: GPT-2's block against the modern one, at equal compute."""
+
+    steps: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ContinualRecipe:
+    """Chapter 10: learning task B after task A (warmup is SFT's)."""
+
+    n_train_b: int  # review questions to learn
+    batch_size: int  # conversations per step
+    n_test_a: int | None  # held-out arithmetic problems (None: as many as the RLHF stages use)
+    n_test_b: int  # held-out review questions
+    steps: int  # task B, sequential and replay
+    learning_rate: float
+    replay: float  # the fraction of the B-stage data that is A's, replayed
+    lora_steps: int
+    lora_learning_rate: float
+    lora_rank: int
+
+
+@dataclass(frozen=True)
+class VisionRecipe:
+    """Chapter 11: a GPT that captions 8x8 digits."""
+
+    patch: int  # pixels per side of a patch
+    steps: int
+    batch_size: int
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of one scale. ``seed`` seeds every stage: 1337 is the book's draw, and
+    other values show how far an outcome moves with the draw alone."""
+
+    name: str
+    device: str
+    dtype: str  # "float32" or "bfloat16" (autocast dtype on CUDA)
+    compile: bool  # torch.compile the model where it pays off
+    tokenizer: TokenizerRecipe
+    model: ModelRecipe
+    pretrain: PretrainRecipe
+    sft: SFTRecipe
+    lora: LoRARecipe
+    rlhf: RLHFRecipe
+    classify: ClassifyRecipe
+    generation: GenerationRecipe
+    blocks: BlocksRecipe
+    continual: ContinualRecipe
+    vision: VisionRecipe
+    optim: OptimRecipe = field(default_factory=OptimRecipe)
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if self.model.n_embd % self.model.n_head:
+            raise ValueError(f"model.n_embd={self.model.n_embd} must be a multiple of model.n_head={self.model.n_head}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.tokenizer.kind not in ("bpe", "gpt2"):
+            raise ValueError(f"tokenizer.kind={self.tokenizer.kind!r} must be 'bpe' or 'gpt2'")
+        if self.rlhf.start_step not in self.sft.keep_steps:
+            raise ValueError(f"rlhf.start_step={self.rlhf.start_step} must be one of sft.keep_steps="
+                             f"{self.sft.keep_steps}: RL starts from a checkpoint the SFT run keeps")
+
+
+#: RL from SFT step 1,200 on two-digit sums: measured at ``cpu``; ``gpu`` and ``full`` run it as it
+#: is until it is tuned at their scale (their SFT runs keep step 1,200 too).
+_RLHF_FROM_STEP_1200 = RLHFRecipe(
+    start_step=1200, n_test=500, pair_samples=4, pair_prompts=2000,
+    reward=RewardRecipe(steps=200, learning_rate=1e-3),
+    ppo=PPOConfig(steps=40, batch_size=64, learning_rate=1e-4, kl_coef=0.1, response_length=6),
+    dpo=DPOConfig(steps=200, batch_size=32, learning_rate=5e-4, rpo_alpha=1.0),
+    grpo=GRPOConfig(steps=100, prompts_per_step=16, learning_rate=1e-4, max_completion_length=6))
+
+#: The four named recipes, by profile name: ``ci``, ``cpu``, ``gpu`` and ``full``.
+RECIPES: dict[str, Recipe] = {
+    "ci": Recipe(
+        name="ci", device="cpu", dtype="float32", compile=False,
+        tokenizer=TokenizerRecipe(kind="bpe", corpus_chars=200_000, vocab_size=512),
+        model=ModelRecipe(n_layer=2, n_head=2, n_embd=64, block_size=64),
+        pretrain=PretrainRecipe(corpus="shakespeare", batch_size=8, total_batch_tokens=8 * 64, steps=100,
+                                warmup_steps=10, learning_rate=3e-3, eval_interval=50, experiment_steps=6,
+                                sgd_learning_rate=0.3),
+        # From random weights: at this size a 100-step Shakespeare model is a worse start.
+        sft=SFTRecipe(base="fresh", steps=200, batch_size=128, learning_rate=5e-3, warmup_steps=20,
+                      max_operand=9, n_test=None, eval_interval=100, keep_steps=(120,)),
+        lora=LoRARecipe(steps=400, learning_rate=1e-2, rank=2, token_rows=16, train_also=("ln_1", "ln_2", "ln_f")),
+        rlhf=RLHFRecipe(start_step=120, n_test=None, pair_samples=4, pair_prompts=400, test_on_all=True,
+                        reward=RewardRecipe(steps=60, learning_rate=1e-3),
+                        ppo=PPOConfig(steps=40, batch_size=64, learning_rate=1e-4, kl_coef=0.1, response_length=6),
+                        dpo=DPOConfig(steps=600, batch_size=32, learning_rate=5e-4, rpo_alpha=1.0),
+                        grpo=GRPOConfig(steps=100, prompts_per_step=16, learning_rate=1e-4, max_completion_length=6)),
+        # Two-clause reviews: with three, this model's sentiment F1 ended 0.40-0.54 over seeds.
+        classify=ClassifyRecipe(n_train=2000, n_test=300, steps=300, batch_size=32, learning_rate=3e-3,
+                                head_learning_rate=1e-2, lora_learning_rate=1e-2, lora_rank=4, warmup_steps=10,
+                                max_clauses=2),
+        generation=GenerationRecipe(rows=8, timing_reps=15),
+        blocks=BlocksRecipe(steps=100, batch_size=2),
+        continual=ContinualRecipe(n_train_b=2000, batch_size=32, n_test_a=None, n_test_b=200, steps=60,
+                                  learning_rate=3e-3, replay=0.5, lora_steps=200, lora_learning_rate=1e-2,
+                                  lora_rank=4),
+        vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=6e-3),
+    ),
+    "cpu": Recipe(
+        name="cpu", device="cpu", dtype="float32", compile=False,
+        tokenizer=TokenizerRecipe(kind="bpe", corpus_chars=2_000_000, vocab_size=2048),
+        model=ModelRecipe(n_layer=4, n_head=4, n_embd=128, block_size=128),
+        pretrain=PretrainRecipe(corpus="shakespeare", batch_size=16, total_batch_tokens=16 * 128, steps=2000,
+                                warmup_steps=100, learning_rate=2e-3, eval_interval=250, experiment_steps=125,
+                                sgd_learning_rate=0.3),
+        sft=SFTRecipe(base="pretrained", steps=2000, batch_size=64, learning_rate=3e-3, warmup_steps=50,
+                      max_operand=99, n_test=500, eval_interval=500, keep_steps=(1200,)),
+        lora=LoRARecipe(steps=2500, learning_rate=1e-2, rank=4, token_rows=16,
+                        train_also=("ln_1", "ln_2", "ln_f", "wpe")),
+        rlhf=_RLHF_FROM_STEP_1200,
+        classify=ClassifyRecipe(n_train=4000, n_test=500, steps=150, batch_size=32, learning_rate=2e-3,
+                                head_learning_rate=1e-2, lora_learning_rate=5e-3, lora_rank=4, warmup_steps=20),
+        generation=GenerationRecipe(rows=8, timing_reps=40),
+        blocks=BlocksRecipe(steps=100, batch_size=2),
+        continual=ContinualRecipe(n_train_b=4000, batch_size=32, n_test_a=300, n_test_b=300, steps=150,
+                                  learning_rate=2e-3, replay=0.5, lora_steps=150, lora_learning_rate=1e-2,
+                                  lora_rank=8),
+        vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=4e-3),
+    ),
+    "gpu": Recipe(
+        name="gpu", device="cuda", dtype="bfloat16", compile=True,
+        tokenizer=TokenizerRecipe(kind="bpe", corpus_chars=20_000_000, vocab_size=8192),
+        model=ModelRecipe(n_layer=6, n_head=6, n_embd=384, block_size=256),
+        pretrain=PretrainRecipe(corpus="tinystories", batch_size=64, total_batch_tokens=64 * 256, steps=5000,
+                                warmup_steps=200, learning_rate=1e-3, eval_interval=250, experiment_steps=312,
+                                sgd_learning_rate=0.3),
+        sft=SFTRecipe(base="pretrained", steps=2000, batch_size=128, learning_rate=1e-3, warmup_steps=100,
+                      max_operand=99, n_test=1000, eval_interval=250, keep_steps=(1200,)),
+        lora=LoRARecipe(steps=3000, learning_rate=5e-3, rank=16, token_rows=32,
+                        train_also=("ln_1", "ln_2", "ln_f", "wpe")),
+        rlhf=_RLHF_FROM_STEP_1200,
+        classify=ClassifyRecipe(n_train=20000, n_test=2000, steps=1000, batch_size=64, learning_rate=3e-4,
+                                head_learning_rate=1e-2, lora_learning_rate=3e-3, lora_rank=8, warmup_steps=50),
+        generation=GenerationRecipe(rows=8, timing_reps=40),
+        blocks=BlocksRecipe(steps=100, batch_size=8),
+        continual=ContinualRecipe(n_train_b=20000, batch_size=64, n_test_a=1000, n_test_b=1000, steps=1000,
+                                  learning_rate=5e-4, replay=0.5, lora_steps=1500, lora_learning_rate=3e-3,
+                                  lora_rank=16),
+        vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=2e-3),
+    ),
+    "full": Recipe(
+        name="full", device="cuda", dtype="bfloat16", compile=True,
+        tokenizer=TokenizerRecipe(kind="gpt2", corpus_chars=100_000_000, vocab_size=50304),
+        model=ModelRecipe(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+        # GPT-3 paper's 125M recipe: 0.5M-token batches, 10B tokens, 375M-token warmup.
+        pretrain=PretrainRecipe(corpus="fineweb-edu", batch_size=64, total_batch_tokens=524_288, steps=19073,
+                                warmup_steps=715, learning_rate=6e-4, eval_interval=250, experiment_steps=1192,
+                                sgd_learning_rate=0.3),
+        sft=SFTRecipe(base="pretrained", steps=2000, batch_size=128, learning_rate=3e-4, warmup_steps=100,
+                      max_operand=99, n_test=1000, eval_interval=250, keep_steps=(1200,)),
+        lora=LoRARecipe(steps=3000, learning_rate=3e-3, rank=16, token_rows=32,
+                        train_also=("ln_1", "ln_2", "ln_f", "wpe")),
+        rlhf=_RLHF_FROM_STEP_1200,
+        classify=ClassifyRecipe(n_train=20000, n_test=2000, steps=1000, batch_size=64, learning_rate=1e-4,
+                                head_learning_rate=1e-2, lora_learning_rate=1e-3, lora_rank=16, warmup_steps=50),
+        generation=GenerationRecipe(rows=8, timing_reps=40),
+        blocks=BlocksRecipe(steps=100, batch_size=8),
+        continual=ContinualRecipe(n_train_b=20000, batch_size=64, n_test_a=1000, n_test_b=1000, steps=1000,
+                                  learning_rate=2e-4, replay=0.5, lora_steps=1500, lora_learning_rate=2e-3,
+                                  lora_rank=16),
+        vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=1.2e-3),
+    ),
+}
+
+
+def default_recipe_name() -> str:
+    """``MINIGPT_PROFILE`` if set, else ``ci`` under CI, else ``gpu`` with CUDA, else ``cpu``."""
+    name = os.environ.get("MINIGPT_PROFILE", "").strip().lower()
+    if name:
+        return name
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        return "ci"
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def recipe(name: str | None = None, overrides: Mapping[str, object] | None = None, **top: object) -> Recipe:
+    """The named recipe (default: :func:`default_recipe_name`) with ``overrides`` by dotted path.
+
+    >>> recipe("ci", {"sft.steps": 300}, seed=1).sft.steps
+    300
+    """
+    name = (name or default_recipe_name()).lower()
+    if name not in RECIPES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(RECIPES)} "
+                         "(set MINIGPT_PROFILE or pass the name)")
+    return override(RECIPES[name], {**(overrides or {}), **top})
+
+
+def override(base: Any, changes: Mapping[str, object], prefix: str = "") -> Any:
+    """``base`` (a frozen dataclass tree) with each ``"a.b.c": value`` of ``changes`` replaced,
+    all at once (so two settings that must agree can change together); a string value is parsed
+    to the field's type, as the command line gives it."""
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    direct: dict[str, object] = {}
+    nested: dict[str, dict[str, object]] = {}
+    for path, value in changes.items():
+        key, _, rest = path.partition(".")
+        full = prefix + path
+        if key not in fields:
+            raise ValueError(f"unknown setting {full!r}: {type(base).__name__} has no field {key!r}; "
+                             f"it has {', '.join(fields)} (`minigpt recipe` prints them all)")
+        current = getattr(base, key)
+        if rest:
+            if not dataclasses.is_dataclass(current):
+                raise ValueError(f"unknown setting {full!r}: {prefix}{key} is a value, not a section")
+            nested.setdefault(key, {})[rest] = value
+        elif dataclasses.is_dataclass(current):
+            raise ValueError(f"{full!r} is a section; set one of its fields, such as "
+                             f"{full}.{dataclasses.fields(current)[0].name}")
+        else:
+            hint = typing.get_type_hints(type(base))[key]
+            direct[key] = parse_value(value, hint, full) if isinstance(value, str) else value
+    for key, sub in nested.items():
+        direct[key] = override(getattr(base, key), sub, f"{prefix}{key}.")
+    return dataclasses.replace(base, **direct)
+
+
+def parse_value(text: str, hint: Any, path: str) -> object:
+    """``text`` as a value of type ``hint`` (int, float, str, bool, an optional of one of them,
+    or a tuple: comma-separated), with an error naming ``path`` when it does not parse."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint) and text.lower() == "none":
+        return None
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return tuple(parse_value(t.strip(), args[0], path) for t in text.split(",") if t.strip())
+    kind = args[0] if args and origin is not typing.Literal else hint
+    try:
+        if origin is typing.Literal:
+            if text not in typing.get_args(hint):
+                raise ValueError
+            return text
+        if kind is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+        return kind(text)
+    except (ValueError, KeyError):
+        raise ValueError(f"{path}={text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+def flatten(node: Any, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """Every leaf of a recipe (or a part of one) as ``(dotted path, value)``, in field order."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from flatten(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value

@@ -1,0 +1,317 @@
+"""Trained models as runs: one folder per stage, described by its ``run.json``.
+
+A run folder holds a model's checkpoint, its tokenizer (``tokenizer.bpe``), ``metrics.jsonl``
+and ``run.json``: the stage that made it, the part of the recipe it used, the run it started
+from, a digest of the package code it ran, and when it finished. Every reader goes through
+:func:`load_run`, whatever the stage: chat, the RL stages and the notebooks alike.
+
+:func:`find_or_make` is how a chapter gets the model of an earlier one: it reuses the cached run
+only when the recipe part, the parent run and the code all match, and otherwise trains it again
+and says why. A change to ``minigpt/sft.py`` thus retrains SFT and what starts from it, and
+leaves the pretraining alone (its code does not import ``sft.py``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigpt.data import cache_dir
+from minigpt.recipe import Recipe, flatten
+
+__all__ = ["RUN_FILE", "RUN_FILES", "STAGES", "Run", "RunInfo", "begin_run", "code_digest", "find_or_make",
+           "finish_run", "imported_modules", "load_run", "module_closure", "open_run", "read_history", "read_run",
+           "run_dir", "run_info", "trained", "write_run"]
+
+RUN_FILE = "run.json"
+FORMAT = "minigpt-run 1"
+
+#: What each cached stage reads: its module (whose imports make up its code), the recipe parts
+#: that shape it, and the stage it starts from.
+STAGES: dict[str, tuple[str, tuple[str, ...], str | None]] = {
+    "pretrain": ("minigpt.pretrain", ("tokenizer", "model", "optim", "pretrain"), None),
+    "sft": ("minigpt.sft", ("tokenizer", "model", "optim", "sft"), "pretrain"),
+}
+
+# Not part of a stage's code: the settings (compared by value instead) and the entry points.
+_NOT_CODE = {"minigpt", "minigpt.recipe", "minigpt.runs", "minigpt.cli", "minigpt.__main__"}
+
+
+def _module_file(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"no module {name}")
+    return Path(spec.origin)
+
+
+def imported_modules(source: str) -> set[str]:
+    """The ``minigpt`` modules that Python ``source`` imports, at the top or inside functions
+    (not those imported only for type checking)."""
+    tree = ast.parse(source)
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minigpt"):
+            found.add(node.module)
+            if _is_package(node.module):  # `from minigpt.rlhf import run` imports a module
+                found.update(f"{node.module}.{a.name}" for a in node.names
+                             if importlib.util.find_spec(f"{node.module}.{a.name}"))
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("minigpt"))
+    return found
+
+
+def _is_package(name: str) -> bool:
+    return _module_file(name).name == "__init__.py"
+
+
+def module_closure(modules: set[str]) -> set[str]:
+    """``modules`` and every ``minigpt`` module they import, directly or not; the settings and
+    the entry points are listed but not followed (the recipe imports the RL configs, which a
+    pretraining run does not depend on)."""
+    seen: set[str] = set()
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            if name not in _NOT_CODE:
+                todo.extend(imported_modules(_module_file(name).read_text()) - seen)
+    return seen
+
+
+def code_digest(*modules: str) -> tuple[str, list[str]]:
+    """A digest of the source of ``modules`` and of every ``minigpt`` module they import,
+    directly or not (the settings and entry points left out); and those modules' names."""
+    names = sorted(module_closure(set(modules)) - _NOT_CODE)
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0" + _module_file(name).read_bytes() + b"\0")
+    return h.hexdigest()[:16], names
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What ``run.json`` says of a run."""
+
+    stage: str  # "pretrain", "sft", "lora", "reward", "ppo", "dpo" or "grpo"
+    profile: str  # the recipe's name
+    settings: dict[str, Any]  # the recipe part the stage used, by dotted path
+    parent: str | None  # the key of the run it started from
+    code: str  # digest of the package code it ran (code_digest)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # what a loader needs (LoRA's arguments)
+    finished: str | None = None  # when it finished (UTC, ISO 8601); None while it trains
+
+    @property
+    def key(self) -> str:
+        """Names this run's recipe part, parent and code: a run that starts from it records it."""
+        blob = json.dumps([self.stage, self.settings, self.parent, self.code], sort_keys=True, default=str)
+        return f"{self.stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    def differences(self, other: RunInfo) -> list[str]:
+        """Why ``other`` is not this run: changed settings, parent or code, in words."""
+        why = [f"{k}: {self.settings.get(k)!r} -> {other.settings.get(k)!r}"
+               for k in sorted(set(self.settings) | set(other.settings)) if self.settings.get(k) != other.settings.get(k)]
+        if self.parent != other.parent:
+            why.append(f"the run it starts from changed ({self.parent} -> {other.parent})")
+        if self.code != other.code:
+            why.append(f"the code changed (digest {self.code} -> {other.code})")
+        return why
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def run_info(recipe: Recipe, stage: str, *, parent: str | None = None, parts: tuple[str, ...] | None = None,
+             module: str | None = None, train: dict[str, Any] | None = None,
+             extra: dict[str, Any] | None = None) -> RunInfo:
+    """The :class:`RunInfo` that a run of ``stage`` with ``recipe`` has: its recipe ``parts`` (the
+    stage's own, see :data:`STAGES`, plus the seed and dtype), any Trainer settings it was given
+    beyond the recipe (``train``), its ``parent`` key and its code's digest."""
+    own_module, own_parts, _ = STAGES.get(stage, (None, (), None))
+    parts, module = parts or own_parts, module or own_module
+    if module is None:
+        raise ValueError(f"stage {stage!r} names no module; pass module=")
+    settings: dict[str, Any] = {"seed": recipe.seed, "dtype": recipe.dtype}
+    settings.update({path: _jsonable(v) for part in parts for path, v in flatten(getattr(recipe, part), f"{part}.")})
+    settings.update({f"train.{k}": _jsonable(v) for k, v in (train or {}).items()})
+    return RunInfo(stage, recipe.name, settings, parent, code_digest(module)[0], dict(extra or {}))
+
+
+def write_run(folder: str | os.PathLike, info: RunInfo) -> Path:
+    """Write ``run.json`` atomically (a killed writer leaves the old file or the new one)."""
+    path = Path(folder) / RUN_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, **dataclasses.asdict(info), "key": info.key}, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_run(folder: str | os.PathLike) -> RunInfo:
+    """The :class:`RunInfo` of a run folder, or an error that says what the folder is missing."""
+    path = Path(folder) / RUN_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {folder} is not a run folder (made by `minigpt pretrain`, "
+                                "`minigpt sft` or `minigpt rlhf`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is damaged ({err}); delete the folder and train it again") from None
+    if data.pop("format", None) != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT!r} file; train the run again with this version of minigpt")
+    data.pop("key", None)
+    return RunInfo(**data)
+
+
+#: What a run writes into its folder: the files that starting over removes (nothing else is touched).
+RUN_FILES = ("run.json", "checkpoint.safetensors", "checkpoint-step*.safetensors", "metrics.jsonl", "tokenizer.bpe",
+             "lora.safetensors", "reward_model.safetensors", "summary.json", "shards")
+
+
+def begin_run(folder: str | os.PathLike, info: RunInfo, *, resume: bool) -> None:
+    """Check ``folder`` before a stage trains into it, then record ``info`` as unfinished there.
+
+    A folder holding a run made with other settings, parent or code is refused when resuming (its
+    tokenizer, shards and checkpoint belong to that run); with ``resume=False`` the earlier run's
+    files (:data:`RUN_FILES`) are removed first, so nothing of it is reused."""
+    folder = Path(folder)
+    if resume and (folder / RUN_FILE).exists():
+        why = read_run(folder).differences(info)
+        if why:
+            raise ValueError(f"{folder} holds a run made otherwise ({'; '.join(why)}); start it over with --restart "
+                             "(resume=False), or choose another output folder")
+    if not resume:
+        for pattern in RUN_FILES:
+            for path in folder.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_run(folder, info)
+
+
+def finish_run(folder: str | os.PathLike, info: RunInfo, **extra: Any) -> RunInfo:
+    """Record in ``folder`` that its run finished, with what a loader needs (``extra``)."""
+    done = dataclasses.replace(info, extra={**info.extra, **extra},
+                               finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    write_run(folder, done)
+    return done
+
+
+def run_dir(recipe: Recipe, stage: str) -> Path:
+    """Where :func:`find_or_make` keeps ``stage``'s run of ``recipe``: one folder per stage and profile."""
+    return cache_dir() / "runs" / recipe.name / stage
+
+
+def _train(recipe: Recipe, stage: str, folder: Path, resume: bool, progress: bool) -> None:
+    """Train ``stage`` into ``folder`` (SFT starts from the recipe's ``sft.base``, which finds the
+    pretraining run): the stage's own function writes ``run.json``."""
+    if stage == "pretrain":
+        from minigpt.pretrain import pretrain
+
+        pretrain(recipe, folder, resume=resume, progress=progress)
+    elif stage == "sft":
+        from minigpt.sft import sft
+
+        sft(recipe, None, folder, resume=resume, progress=progress, keep_steps=recipe.sft.keep_steps)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; find_or_make knows {', '.join(STAGES)}")
+
+
+def find_or_make(recipe: Recipe, stage: str, *, progress: bool = False,
+                 say: Callable[[str], None] = print) -> Path:
+    """The folder of ``stage``'s run of ``recipe`` (:func:`run_dir`), trained first unless a
+    finished run with the same recipe part, parent run and code is there. A run made otherwise is
+    trained again from scratch, and ``say`` is told why; an unfinished one continues."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    parent_stage = STAGES[stage][2]
+    parent = find_or_make(recipe, parent_stage, progress=progress, say=say) if parent_stage else None
+    wanted = run_info(recipe, stage, parent=read_run(parent).key if parent else None)
+    folder = run_dir(recipe, stage)
+    resume = True
+    if (folder / RUN_FILE).exists():
+        try:
+            cached: RunInfo | None = read_run(folder)
+            why = cached.differences(wanted) if cached else []
+        except (ValueError, TypeError) as err:
+            cached, why = None, [str(err)]
+        if cached and not why and cached.finished:
+            return folder
+        if why:
+            say(f"{stage} ({recipe.name}): training again, because the cached run differs: " + "; ".join(why))
+            resume = False
+        else:
+            say(f"{stage} ({recipe.name}): continuing the unfinished run in {folder}")
+    else:
+        say(f"{stage} ({recipe.name}): no cached run yet; training it into {folder}")
+        resume = False
+    _train(recipe, stage, folder, resume, progress)
+    return folder
+
+
+def load_run(folder: str | os.PathLike, *, step: int | None = None, device: str | None = None) -> tuple[Any, Any]:
+    """The model (in eval mode) and tokenizer of any run folder: its last checkpoint or the one
+    kept at ``step``, with LoRA's adapters in place when the run trained them."""
+    from minigpt.checkpoint import checkpoint_config, load_checkpoint
+    from minigpt.lora import apply_lora
+    from minigpt.model import GPT
+    from minigpt.tokenizer import BPETokenizer
+    from minigpt.train import kept_checkpoint_path
+
+    folder = Path(folder)
+    info = read_run(folder)
+    path = folder / "checkpoint.safetensors" if step is None else kept_checkpoint_path(folder, step)
+    if not path.exists():
+        kept = f"; it keeps no checkpoint of step {step}" if step is not None else ""
+        raise FileNotFoundError(f"{path} does not exist: the {info.stage} run in {folder} has not saved it{kept}")
+    model = GPT(checkpoint_config(path))
+    if info.extra.get("lora"):
+        lora = info.extra["lora"]
+        apply_lora(model, **{**lora, "targets": tuple(lora["targets"]), "train_also": tuple(lora["train_also"])})
+    load_checkpoint(path, model)
+    tokenizer = BPETokenizer.load(folder / "tokenizer.bpe")
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tokenizer
+
+
+def read_history(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``, one per logged step."""
+    path = Path(folder) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@dataclass
+class Run:
+    """A run folder opened: what ``run.json`` says, the model (in eval mode), its tokenizer and
+    its metrics; ``info.extra`` holds what the stage measured at the end (SFT's exact match)."""
+
+    folder: Path
+    info: RunInfo
+    model: Any
+    tokenizer: Any
+    history: list[dict[str, Any]]
+
+
+def open_run(folder: str | os.PathLike, *, step: int | None = None, device: str | None = None) -> Run:
+    """Everything of a run folder at once (:func:`read_run`, :func:`load_run`, :func:`read_history`)."""
+    model, tokenizer = load_run(folder, step=step, device=device)
+    return Run(Path(folder), read_run(folder), model, tokenizer, read_history(folder))
+
+
+def trained(recipe: Recipe, stage: str, *, step: int | None = None, progress: bool = False) -> tuple[Any, Any]:
+    """``stage``'s model of ``recipe`` and its tokenizer (:func:`find_or_make`, then :func:`load_run`)."""
+    return load_run(find_or_make(recipe, stage, progress=progress), step=step, device=recipe.device)

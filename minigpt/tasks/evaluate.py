@@ -1,0 +1,81 @@
+"""How well a model does the tasks: its greedy answers, and the fraction that are right.
+
+:func:`exact_match` answers greedily, stopping at ``<|end|>``, and compares normalised answers;
+with ``few_shot`` examples it measures a base model instead, prompted with plain text
+("Q: ... A: ..."), so the chapter can put in-context learning and SFT side by side on the same
+held-out questions.
+
+Kept apart from the examples, which need no model, and from the rewards, which share only
+:func:`normalize_answer`: the one notion of "the same answer".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from minigpt.chat import END_OF_TURN, Conversation, Message, check_chat_tokenizer, render_prompt
+from minigpt.generate import complete
+from minigpt.model import GPT
+from minigpt.tokenizer import BPETokenizer
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, single spaces, no surrounding space or final full stop: "  85." == "85"."""
+    return " ".join(text.lower().split()).rstrip(".").strip()
+
+
+def _plain(messages: Sequence[Message]) -> str:
+    """A conversation as plain text for a base model: context line, then Q:/A: lines."""
+    prefix = {"system": "", "user": "Q: ", "assistant": "A: "}
+    return "\n".join(prefix[m.role] + m.content for m in messages)
+
+
+def few_shot_prompt(shots: Sequence[Conversation], conversation: Conversation) -> str:
+    """Plain text that shows a base model worked examples, then the question::
+
+        Q: What is 12 + 5?
+        A: 17
+
+        Q: What is 37 + 48?
+        A:
+
+    The model's continuation up to the first newline is its answer.
+    """
+    return "".join(_plain(s.messages) + "\n\n" for s in shots) + _plain(conversation.prompt) + "\nA:"
+
+
+def answers(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation], *,
+            few_shot: Sequence[Conversation] | None = None, max_new_tokens: int | None = None,
+            batch_size: int = 64) -> list[str]:
+    """The model's greedy answer to the final question of each conversation.
+
+    Chat format (``few_shot`` None): prompt with :func:`~minigpt.chat.render_prompt`, answer up to
+    ``<|end|>``. Few-shot: prompt with :func:`few_shot_prompt`, answer up to the first newline.
+    ``max_new_tokens`` defaults to the longest expected answer's length plus 4.
+    """
+    if not conversations:
+        return []
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer.encode(c.answer)) for c in conversations) + 4
+    if few_shot is None:
+        end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
+        prompts = [render_prompt(c, tokenizer) for c in conversations]
+        outs = complete(model, prompts, max_new_tokens, stop_tokens=[end], batch_size=batch_size)
+        return [tokenizer.decode(ids[:ids.index(end)] if end in ids else ids) for ids in outs]
+    newline = [i for i, b in tokenizer.vocab.items() if b"\n" in b]
+    prompts = [tokenizer.encode(few_shot_prompt(few_shot, c)) for c in conversations]
+    outs = complete(model, prompts, max_new_tokens, stop_tokens=newline, batch_size=batch_size)
+    return [tokenizer.decode(ids).split("\n", 1)[0] for ids in outs]
+
+
+def exact_match(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation], *,
+                few_shot: Sequence[Conversation] | None = None, max_new_tokens: int | None = None,
+                batch_size: int = 64) -> float:
+    """Fraction of conversations whose greedy answer equals the expected one after
+    :func:`normalize_answer`; see :func:`answers` for the two prompt formats."""
+    if not conversations:
+        raise ValueError("exact_match needs at least one conversation")
+    got = answers(model, tokenizer, conversations, few_shot=few_shot, max_new_tokens=max_new_tokens,
+                  batch_size=batch_size)
+    hits = sum(normalize_answer(g) == normalize_answer(c.answer) for g, c in zip(got, conversations))
+    return hits / len(conversations)
