@@ -5,8 +5,9 @@ code cells. A chapter whose cells are unchanged would show old outputs after a c
 ``minigpt/sft.py``. ``python book/stale.py`` (``make book`` runs it first) computes each
 chapter's code digest: the ``minigpt`` modules its cells import and, for a chapter that uses
 cached runs (:mod:`minigpt.runs`), every stage's code too. It drops the cached execution of each
-chapter whose digest changed since the last build, and says why. The build then re-executes
-that chapter, and :func:`minigpt.runs.find_or_make` retrains the runs whose code changed.
+chapter whose digest changed since the last build and touches the notebook (Sphinx reads again
+only what changed), and says why. The build then re-executes that chapter, and
+:func:`minigpt.runs.find_or_make` retrains the runs whose code changed.
 
 The digests of the last build are kept in ``_build/.minigpt-chapter-digests.json``.
 """
@@ -50,6 +51,7 @@ def main() -> int:
                 cache.remove_cache(cache.match_cache_file(nb).pk)
             except KeyError:  # no cached execution of these cells: it runs anyway
                 pass
+            nb.touch()  # Sphinx reads again only sources newer than its last build
             print(f"{nb.name}: the package code it runs changed since the last build "
                   f"({', '.join(chapter_digest(nb)[1][:6])}, ...): it runs again")
     DIGESTS.parent.mkdir(parents=True, exist_ok=True)

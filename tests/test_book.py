@@ -63,13 +63,20 @@ def test_a_chapter_runs_again_when_the_package_code_it_runs_changes(tmp_path, mo
         def remove_cache(self, pk):
             removed.append(pk)
 
+    monkeypatch.setattr(stale, "ROOT", tmp_path)  # a copy of the chapters: main() touches the stale ones
+    (tmp_path / "notebooks").mkdir()
+    for nb in (ROOT / "notebooks").glob("*.ipynb"):
+        (tmp_path / "notebooks" / nb.name).write_bytes(nb.read_bytes())
     monkeypatch.setattr(stale, "DIGESTS", tmp_path / "digests.json")
     monkeypatch.setattr(stale, "CACHE", tmp_path)  # exists: there is a cache to clean
     monkeypatch.setitem(sys.modules, "jupyter_cache", types.SimpleNamespace(get_cache=lambda path: Cache()))
     assert stale.main() == 0 and removed == []  # the first build: nothing to compare with
     digests = json.loads(stale.DIGESTS.read_text())
     stale.DIGESTS.write_text(json.dumps({**digests, "05_sft.ipynb": "0" * 16}))
+    before = (tmp_path / "notebooks" / "05_sft.ipynb").stat().st_mtime_ns
+    os.utime(tmp_path / "notebooks" / "05_sft.ipynb", ns=(before - 10**9, before - 10**9))
     assert stale.main() == 0 and removed == ["05_sft.ipynb"]
+    assert (tmp_path / "notebooks" / "05_sft.ipynb").stat().st_mtime_ns > before - 10**9  # Sphinx reads it again
     assert "05_sft.ipynb: the package code it runs changed since the last build" in capsys.readouterr().out
 
 

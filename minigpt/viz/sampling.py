@@ -204,7 +204,7 @@ class SamplingExplorer(StaticHTMLWidget):
         return self._logits
 
     def distribution(self, step: int | None = None) -> torch.Tensor:
-        """The (V,) probabilities the widget shows now (or at ``step``): :func:`next_token_probs`
+        """The (V,) probabilities the widget shows now (or at ``step``): :func:`~minigpt.generate.next_token_probs`
         on the very row the page was sent (:attr:`logits` holds it bit for bit)."""
         return _probs(self._logits[self.step if step is None else step], temperature=self.temperature,
                       top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
