@@ -65,13 +65,15 @@ def test_sequential_forgets_replay_forgets_less_and_removing_lora_restores_a(ci,
     print(forgetting_table(results.values()))
     assert list(results) == list(METHODS)
     seq, replay, lora = results["sequential"], results["replay"], results["lora"]
-    outcome.check("continual: task A exact match before B", seq.a_before, ">", 0.5)  # SPREAD
-    outcome.check("continual: sequential, A after B", seq.a_after, "<", 0.2)  # SPREAD
+    outcome.check("continual: task A exact match before B", seq.a_before, ">", 0.5)  # spread 0.923 .. 0.987 (5 runs)
+    outcome.check("continual: sequential, A after B", seq.a_after, "<", 0.2)  # spread 0.000 .. 0.084 (5 runs)
     outcome.check("continual: replay forgets less (forgetting - sequential's)", replay.forgetting - seq.forgetting,
-                  "<", -0.15)  # SPREAD
-    for r, bound in ((seq, -1.0), (replay, -1.0), (lora, -0.3)):  # each learned B (from its first evaluation on)
+                  "<", -0.15)  # spread -0.819 .. -0.335 (5 runs)
+    # Each learned B, from its first evaluation on. Spread over seeds and threads (5 runs each):
+    # sequential -6.742 .. -3.521, replay -5.430 .. -3.311, LoRA -0.928 .. -0.530.
+    for r, bound in ((seq, -1.0), (replay, -1.0), (lora, -0.3)):
         val = [h["val_loss"] for h in r.run.history if "val_loss" in h]
-        outcome.check(f"continual: {r.method}, B's validation loss change", val[-1] - val[0], "<", bound)  # SPREAD
+        outcome.check(f"continual: {r.method}, B's validation loss change", val[-1] - val[0], "<", bound)
     model_a, tok = trained(ci, "sft")
     restored = without_adapters(lora.run.model)
     assert all(torch.equal(p, q) for p, q in zip(restored.state_dict().values(), model_a.state_dict().values()))

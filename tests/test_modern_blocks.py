@@ -243,7 +243,7 @@ def test_every_variant_learns_at_ci(ci, outcome) -> None:
     assert list(runs) == list(variants(ci.model.n_head))
     for r in runs.values():
         outcome.check(f"blocks {r.name}: val loss below uniform", r.val_loss - math.log(ci.tokenizer.vocab_size),
-                      "<", -0.7)  # SPREAD
+                      "<", -0.7)  # spread -1.184 .. -0.832 (30 runs)
         assert r.params > 0 and len(r.val_history) == 2
     assert runs["GQA"].params < runs["GPT-2"].params and runs["GQA"].kv_cache_per_token == runs["GPT-2"].kv_cache_per_token // 2
     assert abs(runs["SwiGLU"].params / runs["GPT-2"].params - 1) < 0.02
