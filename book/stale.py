@@ -42,7 +42,8 @@ def main() -> int:
 
     notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
     old = json.loads(DIGESTS.read_text()) if DIGESTS.exists() else {}
-    new = {nb.name: chapter_digest(nb)[0] for nb in notebooks}
+    digests = {nb.name: chapter_digest(nb) for nb in notebooks}
+    new = {name: digest for name, (digest, _) in digests.items()}
     stale = [nb for nb in notebooks if nb.name in old and old[nb.name] != new[nb.name]]
     if stale and CACHE.exists():
         cache = get_cache(CACHE)
@@ -53,7 +54,7 @@ def main() -> int:
                 pass
             nb.touch()  # Sphinx reads again only sources newer than its last build
             print(f"{nb.name}: the package code it runs changed since the last build "
-                  f"({', '.join(chapter_digest(nb)[1][:6])}, ...): it runs again")
+                  f"({', '.join(digests[nb.name][1][:6])}, ...): it runs again")
     DIGESTS.parent.mkdir(parents=True, exist_ok=True)
     DIGESTS.write_text(json.dumps(new, indent=1) + "\n")
     return 0

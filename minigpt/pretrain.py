@@ -24,21 +24,23 @@ EOT = "<|endoftext|>"
 
 
 def pretrain_tokenizer(recipe: Recipe, out_dir: str | os.PathLike) -> BPETokenizer:
-    """GPT-2's encoding, or a BPE trained on the corpus's training text (saved, then reused)."""
+    """GPT-2's encoding, or a BPE trained on the corpus's training text; saved to ``out_dir``
+    (every run folder holds its tokenizer), then reused."""
     t = recipe.tokenizer
-    if t.kind == "gpt2":
-        return BPETokenizer.from_tiktoken(get_encoding("gpt2"))
     path = Path(out_dir) / "tokenizer.bpe"
     if path.exists():
         return BPETokenizer.load(path)
-    train_docs, _ = CORPORA[recipe.pretrain.corpus].splits()
-    text, size = [], 0
-    for doc in train_docs:  # the first corpus_chars characters of the training split
-        text.append(doc[:t.corpus_chars - size])
-        size += len(text[-1])
-        if size >= t.corpus_chars:
-            break
-    tok = train_bpe("".join(text), t.vocab_size, special_tokens=[EOT])
+    if t.kind == "gpt2":
+        tok = BPETokenizer.from_tiktoken(get_encoding("gpt2"))
+    else:
+        train_docs, _ = CORPORA[recipe.pretrain.corpus].splits()
+        text, size = [], 0
+        for doc in train_docs:  # the first corpus_chars characters of the training split
+            text.append(doc[:t.corpus_chars - size])
+            size += len(text[-1])
+            if size >= t.corpus_chars:
+                break
+        tok = train_bpe("".join(text), t.vocab_size, special_tokens=[EOT])
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path)
     return tok
@@ -73,8 +75,6 @@ def pretrain(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool = True,
     if ddp.is_main:
         begin_run(out, info, resume=resume)
     tok, prepared = _prepare(recipe, out, ddp)
-    if ddp.is_main and recipe.tokenizer.kind == "gpt2":
-        tok.save(out / "tokenizer.bpe")  # every run folder holds its tokenizer
     cfg = train_config(recipe, ddp.world_size, **train_overrides)
     torch.manual_seed(cfg.seed)
     vocab_size = model_vocab_size(recipe, tok)

@@ -28,8 +28,13 @@ from typing import Any
 
 import torch
 
+from minigpt.checkpoint import checkpoint_config, load_checkpoint
 from minigpt.data import cache_dir
+from minigpt.lora import apply_lora
+from minigpt.model import GPT
 from minigpt.recipe import Recipe, flatten
+from minigpt.tokenizer import BPETokenizer
+from minigpt.train import kept_checkpoint_path
 
 __all__ = ["RUN_FILE", "RUN_FILES", "STAGES", "Run", "RunInfo", "begin_run", "code_digest", "find_or_make",
            "finish_run", "imported_modules", "load_run", "module_closure", "open_run", "read_history", "read_run",
@@ -246,11 +251,11 @@ def find_or_make(recipe: Recipe, stage: str, *, progress: bool = False,
     resume = True
     if (folder / RUN_FILE).exists():
         try:
-            cached: RunInfo | None = read_run(folder)
-            why = cached.differences(wanted) if cached else []
-        except (ValueError, TypeError) as err:
+            cached = read_run(folder)
+            why = cached.differences(wanted)
+        except (ValueError, TypeError) as err:  # a damaged or foreign run.json: train again
             cached, why = None, [str(err)]
-        if cached and not why and cached.finished:
+        if not why and cached.finished:
             return folder
         if why:
             say(f"{stage} ({recipe.name}): training again, because the cached run differs: " + "; ".join(why))
@@ -264,15 +269,10 @@ def find_or_make(recipe: Recipe, stage: str, *, progress: bool = False,
     return folder
 
 
-def load_run(folder: str | os.PathLike, *, step: int | None = None, device: str | None = None) -> tuple[Any, Any]:
+def load_run(folder: str | os.PathLike, *, step: int | None = None,
+             device: str | None = None) -> tuple[GPT, BPETokenizer]:
     """The model (in eval mode) and tokenizer of any run folder: its last checkpoint or the one
     kept at ``step``, with LoRA's adapters in place when the run trained them."""
-    from minigpt.checkpoint import checkpoint_config, load_checkpoint
-    from minigpt.lora import apply_lora
-    from minigpt.model import GPT
-    from minigpt.tokenizer import BPETokenizer
-    from minigpt.train import kept_checkpoint_path
-
     folder = Path(folder)
     info = read_run(folder)
     path = folder / "checkpoint.safetensors" if step is None else kept_checkpoint_path(folder, step)
@@ -301,8 +301,8 @@ class Run:
 
     folder: Path
     info: RunInfo
-    model: Any
-    tokenizer: Any
+    model: GPT
+    tokenizer: BPETokenizer
     history: list[dict[str, Any]]
 
 
@@ -312,6 +312,7 @@ def open_run(folder: str | os.PathLike, *, step: int | None = None, device: str 
     return Run(Path(folder), read_run(folder), model, tokenizer, read_history(folder))
 
 
-def trained(recipe: Recipe, stage: str, *, step: int | None = None, progress: bool = False) -> tuple[Any, Any]:
+def trained(recipe: Recipe, stage: str, *, step: int | None = None,
+            progress: bool = False) -> tuple[GPT, BPETokenizer]:
     """``stage``'s model of ``recipe`` and its tokenizer (:func:`find_or_make`, then :func:`load_run`)."""
     return load_run(find_or_make(recipe, stage, progress=progress), step=step, device=recipe.device)

@@ -54,7 +54,7 @@ from minigpt.chat import (
 )
 from minigpt.lora import DEFAULT_TARGETS, apply_lora, save_lora, trainable_fraction
 from minigpt.model import GPT, GPTConfig
-from minigpt.recipe import Recipe
+from minigpt.recipe import Recipe, override
 from minigpt.runs import begin_run, find_or_make, finish_run, load_run, read_run, run_info
 from minigpt.tasks import TASKS, answers, arithmetic, exact_match, make_task
 from minigpt.tokenizer import BPETokenizer
@@ -356,7 +356,9 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     continues onto the same curve), keep the checkpoints of those steps.
     """
     ddp, device = init_distributed(recipe.device)
-    batch_size = batch_size or recipe.sft.batch_size
+    if batch_size is not None:
+        recipe = override(recipe, {"sft.batch_size": batch_size})
+    batch_size = recipe.sft.batch_size
     out = Path(out_dir)
     cfg = sft_config(recipe, lora=bool(lora), **train_overrides)
     model, tok, parent = load_base(base, recipe, tokenizer=tokenizer, seed=cfg.seed)
@@ -387,9 +389,8 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
         return f"{q.prompt[-1].content} -> {answers(m, tok, [q])[0]!r} (expected {q.answer!r})"
 
     stage = "lora" if lora_kwargs else "sft"
-    info = run_info(recipe, stage, parent=parent, parts=("tokenizer", "model", "optim", "sft", *(["lora"] * bool(lora))),
-                    module="minigpt.sft", train={**train_overrides, **({"batch_size": batch_size} if batch_size !=
-                                                                         recipe.sft.batch_size else {})},
+    info = run_info(recipe, stage, parent=parent, parts=("tokenizer", "model", "optim", "sft", *(("lora",) if lora else ())),
+                    module="minigpt.sft", train=train_overrides,
                     extra={"task": task if generated else "custom", "lora": lora_kwargs})
     if ddp.is_main:
         begin_run(out, info, resume=resume)

@@ -78,6 +78,7 @@ def tok(base_tok: BPETokenizer) -> BPETokenizer:
 #: The seed of the recipe the outcome tests run (``MINIGPT_TEST_SEED``; the book's is 1337).
 #: ``bench/outcome_spread.py`` runs them over several seeds and thread counts to set their bounds.
 TEST_SEED = int(os.environ.get("MINIGPT_TEST_SEED", "1337"))
+_CACHE = pytest.StashKey[tuple[Path, bool]]()  # this run's model cache, and whether to remove it at the end
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -95,9 +96,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     path, temporary = config.stash.get(_CACHE, (None, False))
     if temporary:
         shutil.rmtree(path, ignore_errors=True)
-
-
-_CACHE = pytest.StashKey[tuple[Path, bool]]()
 
 
 @pytest.fixture(scope="session")
