@@ -9,6 +9,10 @@ chapter whose digest changed since the last build and touches the notebook (Sphi
 only what changed), and says why. The build then re-executes that chapter, and
 :func:`minigpt.runs.find_or_make` retrains the runs whose code changed.
 
+A chapter whose last execution failed has no cached execution, but Sphinx, seeing an unchanged
+source, would keep the page the failed run left and report success. Such a chapter is touched
+too, so every build executes it until it succeeds.
+
 The digests of the last build are kept in ``_build/.minigpt-chapter-digests.json``.
 """
 
@@ -45,16 +49,24 @@ def main() -> int:
     digests = {nb.name: chapter_digest(nb) for nb in notebooks}
     new = {name: digest for name, (digest, _) in digests.items()}
     stale = [nb for nb in notebooks if nb.name in old and old[nb.name] != new[nb.name]]
-    if stale and CACHE.exists():
+    if CACHE.exists():  # an earlier build ran: its cached executions and pages may be out of date
         cache = get_cache(CACHE)
-        for nb in stale:
+        for nb in notebooks:
             try:
-                cache.remove_cache(cache.match_cache_file(nb).pk)
-            except KeyError:  # no cached execution of these cells: it runs anyway
-                pass
+                record = cache.match_cache_file(nb)
+            except KeyError:  # never executed at these cells, or its execution failed
+                record = None
+            if nb in stale:
+                if record is not None:
+                    cache.remove_cache(record.pk)
+                print(f"{nb.name}: the package code it runs changed since the last build "
+                      f"({', '.join(digests[nb.name][1][:6])}, ...): it runs again")
+            elif record is None:
+                print(f"{nb.name}: no successful execution of it is cached (the last one failed or "
+                      "never ran): it runs again")
+            else:
+                continue
             nb.touch()  # Sphinx reads again only sources newer than its last build
-            print(f"{nb.name}: the package code it runs changed since the last build "
-                  f"({', '.join(digests[nb.name][1][:6])}, ...): it runs again")
     DIGESTS.parent.mkdir(parents=True, exist_ok=True)
     DIGESTS.write_text(json.dumps(new, indent=1) + "\n")
     return 0

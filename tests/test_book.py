@@ -49,15 +49,18 @@ stale = _load("stale")
 
 def test_a_chapter_runs_again_when_the_package_code_it_runs_changes(tmp_path, monkeypatch, capsys) -> None:
     """A chapter's digest covers what it imports and, if it uses cached runs, every stage's code;
-    book/stale.py drops the cached execution of a chapter whose digest changed."""
+    book/stale.py drops the cached execution of a chapter whose digest changed, and makes a chapter
+    whose last execution failed run again."""
     _, tokenization = stale.chapter_digest(ROOT / "notebooks" / "01_tokenization.ipynb")
     _, rlhf = stale.chapter_digest(ROOT / "notebooks" / "06_rlhf.ipynb")
     assert "minigpt.tokenizer" in tokenization and "minigpt.sft" not in tokenization
     assert {"minigpt.sft", "minigpt.pretrain", "minigpt.rlhf.run"} <= set(rlhf)
-    removed = []
+    removed, failed = [], {"04_pretraining.ipynb"}
 
     class Cache:
         def match_cache_file(self, path):
+            if Path(path).name in failed:
+                raise KeyError(path)
             return types.SimpleNamespace(pk=Path(path).name)
 
         def remove_cache(self, pk):
@@ -77,7 +80,14 @@ def test_a_chapter_runs_again_when_the_package_code_it_runs_changes(tmp_path, mo
     os.utime(tmp_path / "notebooks" / "05_sft.ipynb", ns=(before - 10**9, before - 10**9))
     assert stale.main() == 0 and removed == ["05_sft.ipynb"]
     assert (tmp_path / "notebooks" / "05_sft.ipynb").stat().st_mtime_ns > before - 10**9  # Sphinx reads it again
-    assert "05_sft.ipynb: the package code it runs changed since the last build" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "05_sft.ipynb: the package code it runs changed since the last build" in printed
+    # a chapter whose execution failed has no cache record: every build runs it again, never
+    # keeping the page the failed run left
+    assert "04_pretraining.ipynb: no successful execution of it is cached" in printed
+    failed.clear()
+    stale.main()
+    assert "no successful execution" not in capsys.readouterr().out
 
 
 def toc_docnames() -> list[str]:
