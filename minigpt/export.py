@@ -1,7 +1,9 @@
 """Export to the Hugging Face layout, so ``GPT2LMHeadModel.from_pretrained(folder)`` loads our model.
 
 A folder with ``config.json`` and ``model.safetensors`` is all transformers needs; writing them
-ourselves keeps transformers out of the package's requirements.
+ourselves keeps transformers out of the package's requirements. A model with LoRA adapters (a
+``minigpt sft --lora`` run) is exported with them merged in: transformers' GPT-2 has no place for
+them and would drop them without a word, leaving the base model.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
+from minigpt.lora import LoRALinear, TokenRows, merged_state_dict
 from minigpt.model import GPT, GPTConfig
 
 
@@ -30,12 +34,23 @@ def save_hf(model: GPT, folder: str | os.PathLike, *, eos_token_id: int | None =
         "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
         "tie_word_embeddings": True, "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
     }
-    weights = model.to_hf_state_dict()
+    weights = _without_adapters(model).to_hf_state_dict()
     weights.pop("lm_head.weight", None)  # tied to wte; transformers re-ties it on load
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def _without_adapters(model: GPT) -> GPT:
+    """``model``, or if it has LoRA adapters or token rows a plain GPT with them merged in
+    (``model`` keeps its adapters, unmerged)."""
+    if not any(isinstance(m, LoRALinear | TokenRows) for m in model.modules()):
+        return model
+    with torch.device("meta"):  # no memory for weights that load_state_dict replaces at once
+        plain = GPT(model.config)
+    plain.load_state_dict(merged_state_dict(model), assign=True)
+    return plain
 
 
 def load_hf(folder: str | os.PathLike) -> GPT:

@@ -34,6 +34,7 @@ learned: the book's page "How the recipes were chosen" has the numbers).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -55,6 +56,7 @@ __all__ = [
     "lora_layers",
     "lora_state_dict",
     "merge",
+    "merged_state_dict",
     "save_lora",
     "trainable_fraction",
     "unmerge",
@@ -264,6 +266,16 @@ def unmerge(model: nn.Module) -> nn.Module:
     for _, layer in _mergeable(model):
         layer.unmerge()
     return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model ``model`` adapts, with its adapters and token rows merged
+    in (:func:`merge` on a copy): what a reader that knows nothing of LoRA, such as transformers,
+    needs. ``model`` itself is left as it is, adapters unmerged."""
+    merged = merge(copy.deepcopy(model))
+    adapters = {f"{name}.{key}" for name, layer in _mergeable(merged)
+                for key in (("lora_A", "lora_B") if isinstance(layer, LoRALinear) else ("delta", "token_ids"))}
+    return {key: value for key, value in merged.state_dict().items() if key not in adapters}
 
 
 def trainable_fraction(model: nn.Module) -> float:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.data import require_hub
+from minigpt.data import hub_failures, require_hub
 
 if TYPE_CHECKING:
     from minigpt.recipe import Recipe
@@ -522,9 +522,11 @@ class GPT(nn.Module):
         try:  # the local cache first: fast, and works offline
             hf = GPT2LMHeadModel.from_pretrained(name, local_files_only=True)
         except OSError:
-            require_hub(f"GPT-2 weights {name!r} (not in the local Hugging Face cache)",
-                        remedy="or copy the model into the cache (`hf download gpt2` on a connected machine)")
-            hf = GPT2LMHeadModel.from_pretrained(name)
+            what = f"GPT-2 weights {name!r} (not in the local Hugging Face cache)"
+            remedy = "or copy the model into the cache (`hf download gpt2` on a connected machine)"
+            require_hub(what, remedy=remedy)
+            with hub_failures(what, remedy):
+                hf = GPT2LMHeadModel.from_pretrained(name)
         config = GPTConfig.from_hf_config(hf.config, **overrides)
         return cls.from_hf_state_dict(hf.state_dict(), config)
 

@@ -5,6 +5,7 @@ corpus -> tokenizer -> token shards -> GPT -> :class:`~minigpt.train.Trainer`.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from minigpt.data import CORPORA, PreparedCorpus, prepare_corpus
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
 from minigpt.recipe import Recipe
-from minigpt.runs import begin_run, finish_run, run_info
+from minigpt.runs import begin_run, finish_run, run_info, run_lock
 from minigpt.shards import ShardLoader
 from minigpt.tokenizer import BPETokenizer, get_encoding, train_bpe
 from minigpt.train import Distributed, TrainConfig, Trainer, init_distributed
@@ -66,16 +67,27 @@ def pretrain(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool = True,
     """Pretrain a GPT of ``recipe``'s shape on its corpus; checkpoints and metrics go to ``out_dir``.
 
     A run with a checkpoint in ``out_dir`` continues from it; a folder holding a run made with other
-    settings is refused (:func:`~minigpt.runs.begin_run`); ``resume=False`` starts over, removing
-    the earlier run's tokenizer, shards and checkpoints. ``run.json`` records the run.
+    settings is refused (:func:`~minigpt.runs.begin_run`), and so is one another run trains into
+    (:func:`~minigpt.runs.run_lock`); ``resume=False`` starts over, removing the earlier run's
+    tokenizer, shards and checkpoints. ``run.json`` records the run.
     """
     ddp, device = init_distributed(recipe.device)
     out = Path(out_dir)
     info = run_info(recipe, "pretrain", train=train_overrides)
-    if ddp.is_main:
-        begin_run(out, info, resume=resume)
+    cfg = train_config(recipe, ddp.world_size, **train_overrides)  # refused settings leave the folder as it was
+    with run_lock(out) if ddp.is_main else nullcontext():
+        if ddp.is_main:
+            begin_run(out, info, resume=resume)
+        trainer = _train_into(out, recipe, cfg, ddp, device, resume=resume, progress=progress)
+        if ddp.is_main:
+            finish_run(out, info)
+    return trainer
+
+
+def _train_into(out: Path, recipe: Recipe, cfg: TrainConfig, ddp: Distributed, device: str, *, resume: bool,
+                progress: bool) -> Trainer:
+    """:func:`pretrain`'s work once the run folder is its own: data, model, and the Trainer's run."""
     tok, prepared = _prepare(recipe, out, ddp)
-    cfg = train_config(recipe, ddp.world_size, **train_overrides)
     torch.manual_seed(cfg.seed)
     vocab_size = model_vocab_size(recipe, tok)
     model = GPT(GPTConfig.from_recipe(recipe, vocab_size=vocab_size))
@@ -100,8 +112,6 @@ def pretrain(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool = True,
               f"{cfg.grad_accum} x {batch_size} x {block_size} tokens/step/process "
               f"on {ddp.world_size} process(es), device {device}")
     trainer.fit(progress=progress)
-    if ddp.is_main:
-        finish_run(out, info)
     return trainer
 
 

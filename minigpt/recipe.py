@@ -18,15 +18,25 @@ import os
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import reduce
 from typing import Any
 
 import torch
 
+from minigpt.data import CORPORA
 from minigpt.rlhf.dpo import DPOConfig
 from minigpt.rlhf.grpo import GRPOConfig
 from minigpt.rlhf.ppo import PPOConfig
 
-__all__ = ["RECIPES", "Recipe", "default_recipe_name", "flatten", "override", "parse_value", "recipe"]
+__all__ = ["RECIPES", "Recipe", "check_device", "default_recipe_name", "flatten", "override", "parse_value", "recipe"]
+
+#: Sizes and counts that must be at least 1 (0 fails deep inside a run, as a division by zero or an
+#: empty tensor).
+_POSITIVE = ("tokenizer.corpus_chars", "tokenizer.vocab_size", "model.n_layer", "model.n_head", "model.n_embd",
+             "model.block_size", "pretrain.batch_size", "pretrain.total_batch_tokens", "sft.batch_size", "lora.rank",
+             "rlhf.ppo.batch_size", "rlhf.dpo.batch_size", "rlhf.grpo.prompts_per_step", "classify.batch_size",
+             "classify.lora_rank", "generation.rows", "blocks.batch_size", "continual.batch_size",
+             "continual.lora_rank", "vision.patch", "vision.batch_size")
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,16 @@ class Recipe:
     seed: int = 1337
 
     def __post_init__(self) -> None:
+        for path in _POSITIVE:
+            value = reduce(getattr, path.split("."), self)
+            if value < 1:
+                raise ValueError(f"{path}={value} must be at least 1")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device={self.device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+        if self.pretrain.corpus not in CORPORA:
+            raise ValueError(f"pretrain.corpus={self.pretrain.corpus!r} is not a corpus; choose one of {', '.join(CORPORA)}")
         if self.model.n_embd % self.model.n_head:
             raise ValueError(f"model.n_embd={self.model.n_embd} must be a multiple of model.n_head={self.model.n_head}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -324,6 +344,19 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this machine lacks now, before a run starts, rather than with torch's error
+    at the first tensor moved there. (A recipe may name one: ``gpu`` is read on laptops too.)"""
+    d = torch.device(device)
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (d.index or 0) >= count:
+            raise ValueError(f"device={device!r}, but torch {torch.__version__} sees {count} CUDA GPU(s) here; "
+                             "run with --device cpu, or a profile for this machine (--profile cpu)")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} needs Apple's MPS, which this machine lacks; run with --device cpu")
+
+
 def default_recipe_name() -> str:
     """``MINIGPT_PROFILE`` if set, else ``ci`` under CI, else ``gpu`` with CUDA, else ``cpu``."""
     name = os.environ.get("MINIGPT_PROFILE", "").strip().lower()
@@ -394,7 +427,9 @@ def parse_value(text: str, hint: Any, path: str) -> object:
         if kind is bool:
             return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
         return kind(text)
-    except (ValueError, KeyError):
+    except KeyError:
+        raise ValueError(f"{path}={text!r} is not a bool: give true or false") from None
+    except ValueError:
         raise ValueError(f"{path}={text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 

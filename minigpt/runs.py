@@ -9,6 +9,9 @@ from, a digest of the package code it ran, and when it finished. Every reader go
 only when the recipe part, the parent run and the code all match, and otherwise trains it again
 and says why. A change to ``minigpt/sft.py`` thus retrains SFT and what starts from it, and
 leaves the pretraining alone (its code does not import ``sft.py``).
+
+While a stage trains into a folder it holds the folder's lock (:func:`run_lock`): a second run
+there would write the same checkpoint and metrics, so it is refused and told who holds the lock.
 """
 
 from __future__ import annotations
@@ -20,27 +23,31 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from minigpt.checkpoint import checkpoint_config, load_checkpoint
 from minigpt.data import cache_dir
+from minigpt.errors import MinigptError
 from minigpt.lora import apply_lora
 from minigpt.model import GPT
 from minigpt.recipe import Recipe, flatten
 from minigpt.tokenizer import BPETokenizer
-from minigpt.train import kept_checkpoint_path
+from minigpt.train import kept_checkpoint_path, read_metrics
 
-__all__ = ["RUN_FILE", "RUN_FILES", "STAGES", "Run", "RunInfo", "begin_run", "code_digest", "find_or_make",
-           "finish_run", "imported_modules", "load_run", "module_closure", "open_run", "read_history", "read_run",
-           "run_dir", "run_info", "trained", "write_run"]
+__all__ = ["LOCK_FILE", "RUN_FILE", "RUN_FILES", "STAGES", "Run", "RunInfo", "RunLocked", "begin_run", "code_digest",
+           "find_or_make", "finish_run", "imported_modules", "load_run", "module_closure", "open_run", "read_history",
+           "read_run", "run_dir", "run_info", "run_lock", "trained", "write_run"]
 
 RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
 FORMAT = "minigpt-run 1"
 
 #: What each cached stage reads: its module (whose imports make up its code), the recipe parts
@@ -160,9 +167,10 @@ def run_info(recipe: Recipe, stage: str, *, parent: str | None = None, parts: tu
 
 
 def write_run(folder: str | os.PathLike, info: RunInfo) -> Path:
-    """Write ``run.json`` atomically (a killed writer leaves the old file or the new one)."""
+    """Write ``run.json`` atomically (a killed writer leaves the old file or the new one; the
+    temporary name carries the process id, so two writers never share it)."""
     path = Path(folder) / RUN_FILE
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"format": FORMAT, **dataclasses.asdict(info), "key": info.key}, indent=1))
     os.replace(tmp, path)
     return path
@@ -184,9 +192,88 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
     return RunInfo(**data)
 
 
-#: What a run writes into its folder: the files that starting over removes (nothing else is touched).
+#: What a run writes into its folder: the files that starting over removes (nothing else is touched;
+#: ``*.tmp`` are what a writer killed mid-write leaves).
 RUN_FILES = ("run.json", "checkpoint.safetensors", "checkpoint-step*.safetensors", "metrics.jsonl", "tokenizer.bpe",
-             "lora.safetensors", "reward_model.safetensors", "summary.json", "shards")
+             "lora.safetensors", "reward_model.safetensors", "summary.json", "shards", "*.tmp")
+
+
+class RunLocked(MinigptError):
+    """Another process is training into the run folder."""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _holder(text: str) -> str:
+    """Who a lock file names, in words."""
+    try:
+        who = json.loads(text)
+        return f"pid {who['pid']} on {who['host']}, since {who['since']}"
+    except (ValueError, KeyError, TypeError):  # written by nobody yet: its holder has just taken it
+        return "a process that has not yet written its pid"
+
+
+if os.name == "nt":
+    import msvcrt
+
+    def _lock_now(f: IO[str]) -> None:
+        """Lock ``f`` or raise BlockingIOError at once (Windows: a lock on its first byte)."""
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            raise BlockingIOError from None
+else:
+    import fcntl
+
+    def _lock_now(f: IO[str]) -> None:
+        """Lock ``f`` or raise BlockingIOError at once."""
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+@contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder``'s lock (``run.lock``) while a run trains into it; a second run is refused,
+    told who holds it.
+
+    ``flock`` on the file, so the lock dies with its holder however it dies (no stale lock to clear
+    by hand). The file names the holder (pid, host, since when) and goes on release; one left by a
+    killed holder is taken over with a note. Only the main process of a DDP run takes it.
+    """
+    path = Path(folder) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a+", encoding="utf-8")  # created if missing, never truncated before it is ours
+        try:
+            _lock_now(f)
+        except BlockingIOError:
+            f.seek(0)
+            holder = _holder(f.read())
+            f.close()
+            raise RunLocked(f"{path.parent} is in use by another run ({holder}, holding {path}); wait for it to "
+                            "end or stop it, or choose another output folder") from None
+        try:  # a releasing holder removes the file: lock the file that is there now, not that one
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        f.seek(0)
+        left = f.read()
+        if left:  # a clean release removes the file: its holder was killed
+            print(f"note: taking over {path}, left by {_holder(left)}, which no longer runs")
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}))
+        f.flush()
+        yield
+    finally:
+        if os.name == "nt":  # Windows cannot remove a file that is open
+            f.close()
+        path.unlink(missing_ok=True)  # elsewhere while still locked: see the loop above
+        f.close()
 
 
 def begin_run(folder: str | os.PathLike, info: RunInfo, *, resume: bool) -> None:
@@ -212,7 +299,7 @@ def begin_run(folder: str | os.PathLike, info: RunInfo, *, resume: bool) -> None
 def finish_run(folder: str | os.PathLike, info: RunInfo, **extra: Any) -> RunInfo:
     """Record in ``folder`` that its run finished, with what a loader needs (``extra``)."""
     done = dataclasses.replace(info, extra={**info.extra, **extra},
-                               finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                               finished=_now())
     write_run(folder, done)
     return done
 
@@ -289,9 +376,9 @@ def load_run(folder: str | os.PathLike, *, step: int | None = None,
 
 
 def read_history(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl``, one per logged step."""
+    """The records of a run's ``metrics.jsonl``, one per logged step (:func:`~minigpt.train.read_metrics`)."""
     path = Path(folder) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_metrics(path) if path.exists() else []
 
 
 @dataclass

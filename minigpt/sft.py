@@ -37,6 +37,7 @@ import dataclasses
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,7 +56,7 @@ from minigpt.chat import (
 from minigpt.lora import DEFAULT_TARGETS, apply_lora, save_lora, trainable_fraction
 from minigpt.model import GPT, GPTConfig
 from minigpt.recipe import Recipe, override
-from minigpt.runs import begin_run, find_or_make, finish_run, load_run, read_run, run_info
+from minigpt.runs import begin_run, find_or_make, finish_run, load_run, read_run, run_info, run_lock
 from minigpt.tasks import TASKS, answers, arithmetic, exact_match, make_task
 from minigpt.tokenizer import BPETokenizer
 from minigpt.train import TrainConfig, Trainer, init_distributed
@@ -349,7 +350,8 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     themselves). ``run.json`` records the ids, so :func:`~minigpt.runs.load_run` rebuilds the same
     model. Checkpoints, metrics, ``tokenizer.bpe``, ``run.json`` and, with LoRA, ``lora.safetensors``
     go to ``out_dir``; a run with a checkpoint there continues from it, a folder of a run made
-    otherwise is refused, and ``resume=False`` starts over (:func:`~minigpt.runs.begin_run`). ``train_overrides``
+    otherwise is refused, and ``resume=False`` starts over (:func:`~minigpt.runs.begin_run`); a folder
+    another run trains into is refused (:func:`~minigpt.runs.run_lock`). ``train_overrides``
     are :class:`~minigpt.train.TrainConfig` fields; ``batch_size`` (conversations per micro-batch)
     overrides ``recipe.sft.batch_size``. ``stop_at`` and ``keep_steps`` go to
     :meth:`~minigpt.train.Trainer.fit`: stop early at that step of the schedule (a later call
@@ -392,28 +394,29 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     info = run_info(recipe, stage, parent=parent, parts=("tokenizer", "model", "optim", "sft", *(("lora",) if lora else ())),
                     module="minigpt.sft", train=train_overrides,
                     extra={"task": task if generated else "custom", "lora": lora_kwargs})
-    if ddp.is_main:
-        begin_run(out, info, resume=resume)
-        tok.save(out / "tokenizer.bpe")
-    trainer = Trainer(model, cfg, source, val, device=device, out_dir=out, ddp=ddp, sample=sample)
-    if resume and trainer.resume() and ddp.is_main:
-        print(f"resumed from {trainer.checkpoint_path} at step {trainer.step}")
-    if ddp.is_main:
-        what = "full fine-tuning"
-        if lora_kwargs:
-            shown = {**lora_kwargs, "token_rows": f"{len(lora_kwargs['token_rows'])} ids"}
-            what = f"LoRA {shown}, {trainable_fraction(model):.2%} of parameters trainable"
-        print(f"SFT: {len(source)} conversations ({source.dropped} dropped), {len(test)} held out; {what}; "
-              f"{cfg.max_steps} steps of {batch_size} conversations on {device}")
-    trainer.fit(progress=progress, stop_at=stop_at, keep_steps=keep_steps)
-    # Measured once, on the main process (every rank holds the same weights after DDP).
-    score = exact_match(trainer.raw_model, tok, test) if ddp.is_main else float("nan")
-    if ddp.is_main:
-        if lora_kwargs:
-            save_lora(trainer.raw_model, out / "lora.safetensors")
-        if trainer.step >= cfg.max_steps:  # not a run stopped early (stop_at)
-            finish_run(out, info, exact_match=score)
-        print(f"held-out exact match: {score:.3f} on {len(test)} conversations")
+    with run_lock(out) if ddp.is_main else nullcontext():  # the folder is this run's until it ends
+        if ddp.is_main:
+            begin_run(out, info, resume=resume)
+            tok.save(out / "tokenizer.bpe")
+        trainer = Trainer(model, cfg, source, val, device=device, out_dir=out, ddp=ddp, sample=sample)
+        if resume and trainer.resume() and ddp.is_main:
+            print(f"resumed from {trainer.checkpoint_path} at step {trainer.step}")
+        if ddp.is_main:
+            what = "full fine-tuning"
+            if lora_kwargs:
+                shown = {**lora_kwargs, "token_rows": f"{len(lora_kwargs['token_rows'])} ids"}
+                what = f"LoRA {shown}, {trainable_fraction(model):.2%} of parameters trainable"
+            print(f"SFT: {len(source)} conversations ({source.dropped} dropped), {len(test)} held out; {what}; "
+                  f"{cfg.max_steps} steps of {batch_size} conversations on {device}")
+        trainer.fit(progress=progress, stop_at=stop_at, keep_steps=keep_steps)
+        # Measured once, on the main process (every rank holds the same weights after DDP).
+        score = exact_match(trainer.raw_model, tok, test) if ddp.is_main else float("nan")
+        if ddp.is_main:
+            if lora_kwargs:
+                save_lora(trainer.raw_model, out / "lora.safetensors")
+            if trainer.step >= cfg.max_steps:  # not a run stopped early (stop_at)
+                finish_run(out, info, exact_match=score)
+            print(f"held-out exact match: {score:.3f} on {len(test)} conversations")
     return SFTRun(trainer, tok, train, test, score)
 
 

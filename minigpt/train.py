@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from minigpt.checkpoint import load_checkpoint, save_checkpoint
+from minigpt.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
+from minigpt.errors import MinigptError
 from minigpt.model import GPT
 
 if TYPE_CHECKING:
@@ -89,6 +90,35 @@ class TrainConfig:
         if self.head_at_targets_only and self.compile:
             raise ValueError("head_at_targets_only selects positions by their targets (a data-dependent shape), "
                              "which torch.compile cannot trace as one graph; turn one of them off")
+
+
+class TrainingDiverged(MinigptError):
+    """The loss or the gradient norm is no longer a finite number: no later step can undo it, so the
+    run stops there, before a checkpoint could keep the damage."""
+
+
+class DamagedMetrics(MinigptError):
+    """A line of ``metrics.jsonl`` other than the last is not a JSON record."""
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``. A run killed while logging leaves half a last line, which
+    is expected: it is dropped with a note. A damaged line before it is an error naming the line."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                print(f"note: dropping the half-written last line of {path} (its run was stopped while logging)")
+                break
+            raise DamagedMetrics(f"{path}, line {number}, is not a JSON record ({err}); delete that line, or the "
+                                 "file (the run resumes without it, but its earlier metrics are lost)") from None
+    return records
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -206,24 +236,39 @@ class Trainer:
                 _, loss = self.model(*inputs, y, **self._loss_kwargs)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
-                     if cfg.grad_clip > 0 else torch.zeros(()))
+        # The norm is measured even with clipping off (an infinite bound): it shows a blow-up as it happens.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_mean = loss_sum / cfg.grad_accum
         if self.ddp.world_size > 1:
             dist.all_reduce(loss_mean, op=dist.ReduceOp.AVG)
         loss_value = loss_mean.item()  # waits for the GPU, so the timing below is honest
+        norm_value = grad_norm.item()  # no second wait: the GPU is done
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):  # free: both are on the host anyway
+            raise TrainingDiverged(self._diverged(loss_value, norm_value, lr))
         self.step += 1
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         tokens_per_s = tokens * self.ddp.world_size / seconds
-        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
                   "tokens_per_s": tokens_per_s, "train_seconds": self.train_seconds}
         if self.device_type == "cuda":
             flops = self.raw_model.flops_per_token() * tokens_per_s / self.ddp.world_size
             record["mfu"] = flops / cfg.peak_flops
         return record
+
+    def _diverged(self, loss: float, grad_norm: float, lr: float) -> str:
+        """What went wrong at the step being taken, its likely causes, and what was kept."""
+        cfg = self.cfg
+        kept = "nothing was saved"
+        if self.out_dir is not None and self.checkpoint_path.exists():
+            kept = f"{self.checkpoint_path} is untouched (step {checkpoint_state(self.checkpoint_path)['step']})"
+        return (f"training diverged at step {self.step + 1}: loss {loss:.4g}, gradient norm {grad_norm:.4g}; likely "
+                f"causes: a learning rate too high ({lr:.3g} at this step), gradient clipping off or too loose "
+                f"(grad_clip={cfg.grad_clip}), or a numeric overflow (dtype={cfg.dtype}); {kept}. Lower the "
+                "learning rate or clip gradients, and start the run over (--restart)")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -316,12 +361,11 @@ class Trainer:
         self.train_data.load_state_dict(state["train_data"])
         metrics = self.out_dir / "metrics.jsonl"  # drop lines a killed run wrote after the checkpoint
         if metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            self.history = [json.loads(line) for line in kept]
+            self.history = [r for r in read_metrics(metrics) if r["step"] <= self.step]
             self.train_seconds = self.history[-1].get("train_seconds", 0.0) if self.history else 0.0
             if self.ddp.is_main:
-                tmp = metrics.with_suffix(".tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp = metrics.with_name(f"{metrics.name}.{os.getpid()}.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
                 os.replace(tmp, metrics)
         return True
 

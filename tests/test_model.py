@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from minigpt.errors import NetworkError
 from minigpt.model import GPT, Block, CausalSelfAttention, GPTConfig, KVCache, evaluating
 from minigpt.train import TrainConfig, Trainer
 
@@ -231,7 +232,7 @@ def test_train_step_reduces_loss() -> None:
 def test_from_pretrained_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()  # a name no cache holds, so the local lookup must miss
-    with pytest.raises(RuntimeError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE is set"):
+    with pytest.raises(NetworkError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE is set"):
         GPT.from_pretrained("minigpt-tests/no-such-model")
     assert time.perf_counter() - start < 5
 

@@ -7,6 +7,7 @@ import torch
 
 import minigpt.generate
 from minigpt.chat import Conversation, render_prompt
+from minigpt.errors import NetworkError
 from minigpt.model import GPT, GPTConfig
 from minigpt.tasks import (
     alpaca_conversation,
@@ -208,6 +209,6 @@ def test_alpaca_and_smoltalk_rows_map_to_conversations(tmp_path):
 def test_online_sets_fail_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"HuggingFaceTB/smoltalk.*HF_HUB_OFFLINE is set"):
+    with pytest.raises(NetworkError, match=r"HuggingFaceTB/smoltalk.*HF_HUB_OFFLINE is set"):
         load_chat_data("smoltalk", limit=10)
     assert time.perf_counter() - start < 5

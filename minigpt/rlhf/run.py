@@ -47,7 +47,7 @@ from minigpt.rlhf.reward import (
     save_reward_model,
     train_reward_model,
 )
-from minigpt.runs import begin_run, find_or_make, finish_run, read_run, run_info, trained
+from minigpt.runs import begin_run, find_or_make, finish_run, read_run, run_info, run_lock, trained
 from minigpt.tasks import arithmetic, correct, even_digits, exact_match
 from minigpt.tokenizer import BPETokenizer
 
@@ -77,12 +77,13 @@ def _write(out: Path, stage: str, recipe: Recipe, history: list[dict[str, Any]],
     model), ``metrics.jsonl``, ``summary.json`` and ``run.json`` (its parent: the SFT run)."""
     info = run_info(recipe, stage, parent=read_run(find_or_make(recipe, "sft")).key, parts=("rlhf",),
                     module="minigpt.rlhf.run")
-    begin_run(out, info, resume=False)
-    save(out)
-    with open(out / "metrics.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in history)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    finish_run(out, info)
+    with run_lock(out):  # a second stage writing into the same folder is refused
+        begin_run(out, info, resume=False)
+        save(out)
+        with open(out / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        finish_run(out, info)
 
 
 def _policy(policy: GPT, tok: BPETokenizer, step: int) -> Callable[[Path], None]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from minigpt.chat import Conversation, Message
-from minigpt.data import require_hub
+from minigpt.data import hub_failures, require_hub
 
 T = TypeVar("T")
 
@@ -379,19 +379,22 @@ def load_chat_data(name: str, *, split: str = "train", limit: int | None = None,
     import datasets  # the `data` extra: only the online sets need it
 
     spec = ONLINE[name]
-    if data_files is not None:
-        files = [str(data_files)] if isinstance(data_files, (str, Path)) else [str(f) for f in data_files]
-        rows: Any = datasets.load_dataset("json", data_files=files, split="train")
-    else:
-        require_hub(f"the instruction set {spec.hub_id!r}",
-                    remedy="or train on the offline tasks (minigpt.tasks.arithmetic, mixture)")
-        rows = datasets.load_dataset(spec.hub_id, spec.config, split=split, streaming=limit is not None)
+    what = f"the instruction set {spec.hub_id!r}" if data_files is None else f"the {name} rows in {data_files}"
+    remedy = "or train on the offline tasks (minigpt.tasks.arithmetic, mixture)"
+    if data_files is None:
+        require_hub(what, remedy=remedy)
     out, bad = [], 0
-    for row in islice(rows, limit):
-        try:
-            out.append(spec.to_conversation(row))
-        except (ValueError, KeyError, AttributeError):
-            bad += 1
+    with hub_failures(what, remedy):  # streamed rows download while they are read
+        if data_files is not None:
+            files = [str(data_files)] if isinstance(data_files, (str, Path)) else [str(f) for f in data_files]
+            rows: Any = datasets.load_dataset("json", data_files=files, split="train")
+        else:
+            rows = datasets.load_dataset(spec.hub_id, spec.config, split=split, streaming=limit is not None)
+        for row in islice(rows, limit):
+            try:
+                out.append(spec.to_conversation(row))
+            except (ValueError, KeyError, AttributeError):
+                bad += 1
     if bad:
         warnings.warn(f"{name}: skipped {bad} of {bad + len(out)} rows that are not valid conversations",
                       stacklevel=2)
