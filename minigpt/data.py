@@ -163,7 +163,7 @@ def require_hub(what: str, *, remedy: str = "or use an offline corpus such as 's
 @contextmanager
 def hub_failures(what: str, remedy: str = "or use an offline corpus such as 'shakespeare'") -> Iterator[None]:
     """Turn a failed download inside the block (a timeout, a dropped connection, a name the Hub
-    does not know) into one :class:`NetworkError` that says what to do, instead of a stack trace
+    does not know) into one :class:`~minigpt.errors.NetworkError` that says what to do, instead of a stack trace
     from deep inside ``datasets`` or ``transformers``."""
     try:
         yield

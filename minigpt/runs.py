@@ -108,13 +108,25 @@ def module_closure(modules: set[str]) -> set[str]:
 
 
 def code_digest(*modules: str) -> tuple[str, list[str]]:
-    """A digest of the source of ``modules`` and of every ``minigpt`` module they import,
-    directly or not (the settings and entry points left out); and those modules' names."""
+    """A digest of the code of ``modules`` and of every ``minigpt`` module they import, directly
+    or not (the settings and entry points left out); and those modules' names."""
     names = sorted(module_closure(set(modules)) - _NOT_CODE)
     h = hashlib.sha256()
     for name in names:
-        h.update(name.encode() + b"\0" + _module_file(name).read_bytes() + b"\0")
+        h.update(name.encode() + b"\0" + _code_of(_module_file(name)) + b"\0")
     return h.hexdigest()[:16], names
+
+
+def _code_of(path: Path) -> bytes:
+    """A module's code without its comments, docstrings and layout (its syntax tree): mending a
+    docstring or reflowing a line retrains nothing; changing what the code does retrains."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
 
 
 @dataclass(frozen=True)
