@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from minigpt.generate import stream
+from minigpt.generate import check_sampling, stream
 from minigpt.model import GPT
 from minigpt.tokenizer import BPETokenizer
 
@@ -225,10 +225,7 @@ class ChatSession:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}: they do not belong together (a tokenizer.bpe of "
                              "another run?); use the tokenizer the model was trained with")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature:g} must be >= 0 (0 is greedy)")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p={top_p:g} must be in (0, 1] (1 keeps every token)")
+        check_sampling(temperature=temperature, top_p=top_p)
         # <|end|> closes a turn; any other special token (a role, <|endoftext|>) ends it too, so
         # the history never holds a forged turn.
         self.stop = sorted(tokenizer.special_tokens.values())

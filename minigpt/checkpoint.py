@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minigpt.data import give_default_mode
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPTConfig
 
@@ -96,11 +97,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
-        # safetensors creates its files as 0o600, unreadable to other users (a shared machine, a
-        # container's user); give it the mode any new file gets, 0o666 less the umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        give_default_mode(tmp)  # safetensors writes 0o600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

