@@ -7,7 +7,7 @@ PPO, DPO + NLL and GRPO) at one seed and thread count and prints each outcome ag
     OMP_NUM_THREADS=1 python bench/recipe_seeds.py --profile cpu --seed 2 [--out runs/seeds]
 
 Each (profile, seed, threads) gets its own folder under ``--out`` (cache and stage runs), and
-the last line is the outcomes as JSON, for a table over seeds. Takes ~25 minutes at ``cpu``.
+the last line is the outcomes as JSON, for a table over seeds. Takes ~30 minutes at ``cpu``.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ class LoRARecipe:
 
     steps: int  # LoRA learns more slowly per step: it gets more of them
     learning_rate: float  # adapters want a larger step than full weights
-    rank: int  # the smallest that keeps LoRA under 5% of the parameters at this width
+    rank: int
+    alpha: float  # the update is (alpha / rank) B A: a smaller scale trains the adapters more gently
     token_rows: int  # embedding rows that train: the chat tokens, then the answers' commonest
     train_also: tuple[str, ...]  # small modules that train in full (apply_lora's train_also)
 
@@ -246,7 +247,7 @@ _RLHF_FROM_STEP_1200 = RLHFRecipe(
     reward=RewardRecipe(steps=200, learning_rate=1e-3),
     ppo=PPOConfig(steps=40, batch_size=64, learning_rate=1e-4, kl_coef=0.1, response_length=6),
     dpo=DPOConfig(steps=200, batch_size=32, learning_rate=5e-4, rpo_alpha=1.0),
-    grpo=GRPOConfig(steps=100, prompts_per_step=16, learning_rate=1e-4, max_completion_length=6))
+    grpo=GRPOConfig(steps=200, prompts_per_step=16, learning_rate=1e-4, max_completion_length=6))
 
 #: The four named recipes, by profile name: ``ci``, ``cpu``, ``gpu`` and ``full``.
 RECIPES: dict[str, Recipe] = {
@@ -260,7 +261,7 @@ RECIPES: dict[str, Recipe] = {
         # From random weights: at this size a 100-step Shakespeare model is a worse start.
         sft=SFTRecipe(base="fresh", steps=200, batch_size=128, learning_rate=5e-3, warmup_steps=20,
                       max_operand=9, n_test=None, eval_interval=100, keep_steps=(120,)),
-        lora=LoRARecipe(steps=400, learning_rate=1e-2, rank=2, token_rows=16, train_also=("ln_1", "ln_2", "ln_f")),
+        lora=LoRARecipe(steps=400, learning_rate=1e-2, rank=2, alpha=4.0, token_rows=16, train_also=("ln_1", "ln_2", "ln_f")),
         rlhf=RLHFRecipe(start_step=120, n_test=None, pair_samples=4, pair_prompts=400, test_on_all=True,
                         reward=RewardRecipe(steps=60, learning_rate=1e-3),
                         ppo=PPOConfig(steps=40, batch_size=64, learning_rate=1e-4, kl_coef=0.1, response_length=6),
@@ -286,7 +287,7 @@ RECIPES: dict[str, Recipe] = {
                                 sgd_learning_rate=0.3),
         sft=SFTRecipe(base="pretrained", steps=2000, batch_size=64, learning_rate=3e-3, warmup_steps=50,
                       max_operand=99, n_test=500, eval_interval=500, keep_steps=(1200,)),
-        lora=LoRARecipe(steps=2500, learning_rate=1e-2, rank=4, token_rows=16,
+        lora=LoRARecipe(steps=5000, learning_rate=1e-2, rank=16, alpha=8.0, token_rows=16,
                         train_also=("ln_1", "ln_2", "ln_f", "wpe")),
         rlhf=_RLHF_FROM_STEP_1200,
         classify=ClassifyRecipe(n_train=4000, n_test=500, steps=150, batch_size=32, learning_rate=2e-3,
@@ -307,7 +308,7 @@ RECIPES: dict[str, Recipe] = {
                                 sgd_learning_rate=0.3),
         sft=SFTRecipe(base="pretrained", steps=2000, batch_size=128, learning_rate=1e-3, warmup_steps=100,
                       max_operand=99, n_test=1000, eval_interval=250, keep_steps=(1200,)),
-        lora=LoRARecipe(steps=3000, learning_rate=5e-3, rank=16, token_rows=32,
+        lora=LoRARecipe(steps=3000, learning_rate=5e-3, rank=16, alpha=32.0, token_rows=32,
                         train_also=("ln_1", "ln_2", "ln_f", "wpe")),
         rlhf=_RLHF_FROM_STEP_1200,
         classify=ClassifyRecipe(n_train=20000, n_test=2000, steps=1000, batch_size=64, learning_rate=3e-4,
@@ -329,7 +330,7 @@ RECIPES: dict[str, Recipe] = {
                                 sgd_learning_rate=0.3),
         sft=SFTRecipe(base="pretrained", steps=2000, batch_size=128, learning_rate=3e-4, warmup_steps=100,
                       max_operand=99, n_test=1000, eval_interval=250, keep_steps=(1200,)),
-        lora=LoRARecipe(steps=3000, learning_rate=3e-3, rank=16, token_rows=32,
+        lora=LoRARecipe(steps=3000, learning_rate=3e-3, rank=16, alpha=32.0, token_rows=32,
                         train_also=("ln_1", "ln_2", "ln_f", "wpe")),
         rlhf=_RLHF_FROM_STEP_1200,
         classify=ClassifyRecipe(n_train=20000, n_test=2000, steps=1000, batch_size=64, learning_rate=1e-4,

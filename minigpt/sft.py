@@ -262,14 +262,14 @@ def load_base(base: Base, recipe: Recipe, *, tokenizer: BPETokenizer | None = No
 
 def lora_settings(recipe: Recipe) -> dict[str, Any]:
     """:func:`~minigpt.lora.apply_lora`'s arguments from ``recipe.lora``: every linear layer of
-    every block at the recipe's rank, alpha = 2 r, no dropout, and the small modules it names
+    every block at the recipe's rank and alpha, no dropout, and the small modules it names
     training in full (see "How the recipes were chosen" in the book for the measurements).
 
     ``token_rows`` is a number here, the most rows to train: :func:`sft` turns it into token ids
     with :func:`lora_token_ids` once it has the tokenizer and the data.
     """
     lo = recipe.lora
-    return {"targets": DEFAULT_TARGETS, "r": lo.rank, "alpha": 2.0 * lo.rank, "dropout": 0.0,
+    return {"targets": DEFAULT_TARGETS, "r": lo.rank, "alpha": lo.alpha, "dropout": 0.0,
             "token_rows": lo.token_rows, "train_also": lo.train_also}
 
 
