@@ -163,14 +163,20 @@ def test_lora_token_rows_are_the_chat_tokens_then_the_commonest_answer_tokens(to
     assert lora_token_ids(tok, examples, 0) == []
 
 
+# The share LoRA trains: rank 16 at `cpu` is an eighth of its width of 128 (12.6%; "How the recipes
+# were chosen" has why: smaller ranks and larger scales learned arithmetic too slowly); every other
+# recipe stays under 5%.
+LORA_SHARE = {"ci": 0.05, "cpu": 0.13, "gpu": 0.05, "full": 0.05}
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_lora_settings_train_under_five_percent(name):
+def test_lora_settings_train_a_small_share_of_the_parameters(name):
     recipe = minigpt.recipe(name)
     settings = lora_settings(recipe)
     with torch.device("meta"):  # the shapes alone: no memory, no time, even for the largest recipe
         model = GPT(GPTConfig.from_recipe(recipe, vocab_size=recipe.tokenizer.vocab_size + len(CHAT_TOKENS)))
         apply_lora(model, **{**settings, "token_rows": range(settings["token_rows"])})
-    assert 0 < trainable_fraction(model) < 0.05
+    assert 0 < trainable_fraction(model) < LORA_SHARE[name]
 
 
 def test_lora_sft_trains_only_the_adapters_rows_and_train_also(ci, tmp_path):
