@@ -261,7 +261,8 @@ RECIPES: dict[str, Recipe] = {
         # From random weights: at this size a 100-step Shakespeare model is a worse start.
         sft=SFTRecipe(base="fresh", steps=200, batch_size=128, learning_rate=5e-3, warmup_steps=20,
                       max_operand=9, n_test=None, eval_interval=100, keep_steps=(120,)),
-        lora=LoRARecipe(steps=400, learning_rate=1e-2, rank=2, alpha=4.0, token_rows=16, train_also=("ln_1", "ln_2", "ln_f")),
+        lora=LoRARecipe(steps=400, learning_rate=1e-2, rank=2, alpha=4.0, token_rows=16,
+                        train_also=("ln_1", "ln_2", "ln_f")),
         rlhf=RLHFRecipe(start_step=120, n_test=None, pair_samples=4, pair_prompts=400, test_on_all=True,
                         reward=RewardRecipe(steps=60, learning_rate=1e-3),
                         ppo=PPOConfig(steps=40, batch_size=64, learning_rate=1e-4, kl_coef=0.1, response_length=6),
