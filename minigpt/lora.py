@@ -5,8 +5,10 @@ A frozen linear layer ``y = x W^T + b`` gets a trainable detour of rank ``r``::
     y = x W^T + b + (alpha / r) * x A^T B^T        A: (r, in), B: (out, r)
 
 ``B`` starts at zero, so the adapted model starts exactly at the base model, and only
-``r * (in + out)`` numbers per layer train instead of ``in * out``. Scaling by ``alpha / r`` keeps
-the size of the update about the same when you try another rank, so the learning rate carries over.
+``r * (in + out)`` numbers per layer train instead of ``in * out``. Scaling by ``alpha / r`` is meant
+to keep the size of the update about the same when you try another rank, so the learning rate
+carries over; with Adam it does so only roughly (at ``cpu``, rank 16 stalled at the ``alpha / r``
+where rank 4 learned: "How the recipes were chosen" in the book), so a recipe sets both.
 
 After training, :func:`merge` folds ``(alpha / r) B A`` into ``W``: the model is then an ordinary
 GPT again, with no extra cost at inference. :func:`unmerge` takes it back out.
