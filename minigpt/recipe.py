@@ -34,6 +34,7 @@ __all__ = ["RECIPES", "Recipe", "check_device", "default_recipe_name", "flatten"
 #: empty tensor).
 _POSITIVE = ("tokenizer.corpus_chars", "tokenizer.vocab_size", "model.n_layer", "model.n_head", "model.n_embd",
              "model.block_size", "pretrain.batch_size", "pretrain.total_batch_tokens", "sft.batch_size", "lora.rank",
+             "chat.batch_size", "chat.max_tokens", "chat.reply_tokens",
              "rlhf.ppo.batch_size", "rlhf.dpo.batch_size", "rlhf.grpo.prompts_per_step", "classify.batch_size",
              "classify.lora_rank", "generation.rows", "blocks.batch_size", "continual.batch_size",
              "continual.lora_rank", "vision.patch", "vision.batch_size")
@@ -111,6 +112,22 @@ class LoRARecipe:
     alpha: float  # the update is (alpha / rank) B A: a smaller scale trains the adapters more gently
     token_rows: int  # embedding rows that train: the chat tokens, then the answers' commonest
     train_also: tuple[str, ...]  # small modules that train in full (apply_lora's train_also)
+
+
+@dataclass(frozen=True)
+class ChatRecipe:
+    """Chapter 5's chat model: SFT of the pretrained model on human dialogue (chatterbot-corpus) with
+    arithmetic mixed in, so that it talks and still adds up."""
+
+    language: str  # a language of the corpus: "english", "chinese", ...
+    steps: int
+    batch_size: int  # conversations per micro-batch
+    learning_rate: float
+    warmup_steps: int
+    arithmetic: float  # the share of the training conversations that are arithmetic problems
+    max_tokens: int  # longer conversations are left out (the corpus's code listings): a small model cannot learn them
+    eval_interval: int
+    reply_tokens: int = 64  # the longest reply sampled when measuring how often replies end their turn
 
 
 @dataclass(frozen=True)
@@ -209,6 +226,7 @@ class Recipe:
     pretrain: PretrainRecipe
     sft: SFTRecipe
     lora: LoRARecipe
+    chat: ChatRecipe
     rlhf: RLHFRecipe
     classify: ClassifyRecipe
     generation: GenerationRecipe
@@ -235,6 +253,12 @@ class Recipe:
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
         if self.tokenizer.kind not in ("bpe", "gpt2"):
             raise ValueError(f"tokenizer.kind={self.tokenizer.kind!r} must be 'bpe' or 'gpt2'")
+        if self.chat.max_tokens > self.model.block_size + 1:
+            raise ValueError(f"chat.max_tokens={self.chat.max_tokens} must be at most model.block_size + 1 = "
+                             f"{self.model.block_size + 1}: a conversation is read whole")
+        if not 0 <= self.chat.arithmetic < 1:
+            raise ValueError(f"chat.arithmetic={self.chat.arithmetic} must be in [0, 1): the share of arithmetic "
+                             "among the chat model's training conversations")
         if self.rlhf.start_step not in self.sft.keep_steps:
             raise ValueError(f"rlhf.start_step={self.rlhf.start_step} must be one of sft.keep_steps="
                              f"{self.sft.keep_steps}: RL starts from a checkpoint the SFT run keeps")
@@ -263,6 +287,8 @@ RECIPES: dict[str, Recipe] = {
                       max_operand=9, n_test=None, eval_interval=100, keep_steps=(120,)),
         lora=LoRARecipe(steps=400, learning_rate=1e-2, rank=2, alpha=4.0, token_rows=16,
                         train_also=("ln_1", "ln_2", "ln_f")),
+        chat=ChatRecipe(language="english", steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=20,
+                        arithmetic=0.5, max_tokens=64, eval_interval=100, reply_tokens=32),
         rlhf=RLHFRecipe(start_step=120, n_test=None, pair_samples=4, pair_prompts=400, test_on_all=True,
                         reward=RewardRecipe(steps=60, learning_rate=1e-3),
                         ppo=PPOConfig(steps=40, batch_size=64, learning_rate=1e-4, kl_coef=0.1, response_length=6),
@@ -290,6 +316,8 @@ RECIPES: dict[str, Recipe] = {
                       max_operand=99, n_test=500, eval_interval=500, keep_steps=(1200,)),
         lora=LoRARecipe(steps=5000, learning_rate=1e-2, rank=16, alpha=8.0, token_rows=16,
                         train_also=("ln_1", "ln_2", "ln_f", "wpe")),
+        chat=ChatRecipe(language="english", steps=2000, batch_size=64, learning_rate=2e-3, warmup_steps=50,
+                        arithmetic=0.95, max_tokens=96, eval_interval=250),
         rlhf=_RLHF_FROM_STEP_1200,
         classify=ClassifyRecipe(n_train=4000, n_test=500, steps=150, batch_size=32, learning_rate=2e-3,
                                 head_learning_rate=1e-2, lora_learning_rate=5e-3, lora_rank=4, warmup_steps=20),
@@ -311,6 +339,8 @@ RECIPES: dict[str, Recipe] = {
                       max_operand=99, n_test=1000, eval_interval=250, keep_steps=(1200,)),
         lora=LoRARecipe(steps=3000, learning_rate=5e-3, rank=16, alpha=32.0, token_rows=32,
                         train_also=("ln_1", "ln_2", "ln_f", "wpe")),
+        chat=ChatRecipe(language="english", steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=50,
+                        arithmetic=0.95, max_tokens=256, eval_interval=250),
         rlhf=_RLHF_FROM_STEP_1200,
         classify=ClassifyRecipe(n_train=20000, n_test=2000, steps=1000, batch_size=64, learning_rate=3e-4,
                                 head_learning_rate=1e-2, lora_learning_rate=3e-3, lora_rank=8, warmup_steps=50),
@@ -333,6 +363,8 @@ RECIPES: dict[str, Recipe] = {
                       max_operand=99, n_test=1000, eval_interval=250, keep_steps=(1200,)),
         lora=LoRARecipe(steps=3000, learning_rate=3e-3, rank=16, alpha=32.0, token_rows=32,
                         train_also=("ln_1", "ln_2", "ln_f", "wpe")),
+        chat=ChatRecipe(language="english", steps=2000, batch_size=64, learning_rate=3e-4, warmup_steps=50,
+                        arithmetic=0.95, max_tokens=512, eval_interval=250),
         rlhf=_RLHF_FROM_STEP_1200,
         classify=ClassifyRecipe(n_train=20000, n_test=2000, steps=1000, batch_size=64, learning_rate=1e-4,
                                 head_learning_rate=1e-2, lora_learning_rate=1e-3, lora_rank=16, warmup_steps=50),

@@ -55,6 +55,7 @@ FORMAT = "minigpt-run 1"
 STAGES: dict[str, tuple[str, tuple[str, ...], str | None]] = {
     "pretrain": ("minigpt.pretrain", ("tokenizer", "model", "optim", "pretrain"), None),
     "sft": ("minigpt.sft", ("tokenizer", "model", "optim", "sft"), "pretrain"),
+    "chat": ("minigpt.chatbot", ("tokenizer", "model", "optim", "chat"), "pretrain"),
 }
 
 # Not part of a stage's code: the settings (compared by value instead) and the entry points.
@@ -133,7 +134,7 @@ def _code_of(path: Path) -> bytes:
 class RunInfo:
     """What ``run.json`` says of a run."""
 
-    stage: str  # "pretrain", "sft", "lora", "reward", "ppo", "dpo" or "grpo"
+    stage: str  # "pretrain", "sft", "lora", "chat", "reward", "ppo", "dpo" or "grpo"
     profile: str  # the recipe's name
     settings: dict[str, Any]  # the recipe part the stage used, by dotted path
     parent: str | None  # the key of the run it started from
@@ -332,6 +333,10 @@ def _train(recipe: Recipe, stage: str, folder: Path, resume: bool, progress: boo
         from minigpt.sft import sft
 
         sft(recipe, None, folder, resume=resume, progress=progress, keep_steps=recipe.sft.keep_steps)
+    elif stage == "chat":
+        from minigpt.chatbot import train_chat
+
+        train_chat(recipe, folder, resume=resume, progress=progress)
     else:
         raise ValueError(f"unknown stage {stage!r}; find_or_make knows {', '.join(STAGES)}")
 

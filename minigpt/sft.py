@@ -91,17 +91,25 @@ class SFTSource:
 
     Conversations longer than ``block_size + 1`` tokens raise ``ValueError`` (``too_long="error"``),
     are cut to that length (``"truncate"``, see :func:`~minigpt.chat.render`) or left out (``"drop"``).
+
+    ``group_by_length`` batches conversations of similar length together (as Hugging Face's
+    ``group_by_length``): each epoch's order is cut into runs of 50 batches, each run sorted by
+    length in buckets of 32 tokens and cut into batches, and the batches shuffled. A mixture of short
+    and long conversations then pads each batch to its own kind, not to the longest of the mixture.
+    Buckets, not exact lengths: within a bucket the order stays random, so a batch of short
+    conversations still mixes every kind of them, as plain shuffling would.
     """
 
     def __init__(self, conversations: Sequence[Conversation], tokenizer: BPETokenizer, batch_size: int,
                  block_size: int, *, seed: int = 0, shuffle: bool = True, too_long: TooLong = "error",
-                 rank: int = 0, world_size: int = 1, pad_multiple: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, pad_multiple: int = 1, group_by_length: bool = False) -> None:
         if too_long not in ("error", "truncate", "drop"):
             raise ValueError(f"too_long={too_long!r} must be 'error', 'truncate' or 'drop'")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.batch_size, self.block_size = batch_size, block_size
         self.seed, self.shuffle, self.pad_multiple = seed, shuffle, pad_multiple
+        self.group_by_length = group_by_length
         self.rank, self.world_size = rank, world_size
         self.pad_id = check_chat_tokenizer(tokenizer)[END_OF_TURN]
         self.examples: list[tuple[list[int], list[bool]]] = []
@@ -134,7 +142,19 @@ class SFTSource:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         n = len(self.examples)
-        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if not self.shuffle:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n)
+        if not self.group_by_length:
+            return order
+        run = self.batch_size * 50
+        widths = np.array([(len(ids) - 1) // 32 for ids, _ in self.examples])  # 32-token buckets, see above
+        order = np.concatenate([chunk[np.argsort(widths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(run, n, run))])
+        full = n // self.batch_size * self.batch_size  # a last, short batch stays last: next_batch skips it
+        batches = np.split(order[:full], full // self.batch_size)
+        return np.concatenate([*(batches[i] for i in rng.permutation(len(batches))), order[full:]])
 
     def collate(self, rows: Sequence[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rendered conversations -> right-padded (inputs, targets), targets -100 where not learned."""
@@ -297,9 +317,13 @@ def task_data(recipe: Recipe, task: str, split: str, *, seed: int = 0) -> list[C
     return make_task(task, s.train_examples if split == "train" else s.n_test or 200, split=split, seed=seed)
 
 
-def sft_config(recipe: Recipe, *, lora: bool = False, **overrides: Any) -> TrainConfig:
-    """The Trainer's settings for SFT (``recipe.sft``, or ``recipe.lora`` with ``lora``); ``overrides`` win."""
-    s = recipe.sft
+Stage = Literal["sft", "chat"]
+
+
+def sft_config(recipe: Recipe, *, lora: bool = False, stage: Stage = "sft", **overrides: Any) -> TrainConfig:
+    """The Trainer's settings for SFT (``recipe.sft``, ``recipe.lora`` with ``lora``, or ``recipe.chat``
+    for the chat model's ``stage``); ``overrides`` win."""
+    s = recipe.chat if stage == "chat" else recipe.sft
     base: dict[str, Any] = dict(
         max_steps=recipe.lora.steps if lora else s.steps, grad_accum=1, warmup_steps=s.warmup_steps,
         learning_rate=recipe.lora.learning_rate if lora else s.learning_rate,
@@ -337,7 +361,7 @@ class SFTRun:
 def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
         tokenizer: BPETokenizer | None = None, task: str = "arithmetic",
         train: Sequence[Conversation] | None = None, test: Sequence[Conversation] | None = None,
-        lora: bool | Mapping[str, Any] | None = None,
+        lora: bool | Mapping[str, Any] | None = None, stage: Stage = "sft",
         too_long: TooLong = "error", resume: bool = True, progress: bool = True,
         batch_size: int | None = None, stop_at: int | None = None, keep_steps: Sequence[int] = (),
         **train_overrides: Any) -> SFTRun:
@@ -356,13 +380,22 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     overrides ``recipe.sft.batch_size``. ``stop_at`` and ``keep_steps`` go to
     :meth:`~minigpt.train.Trainer.fit`: stop early at that step of the schedule (a later call
     continues onto the same curve), keep the checkpoints of those steps.
+
+    ``stage="chat"`` trains the chat model (:func:`minigpt.chatbot.train_chat` gives it its data):
+    the recipe's ``chat`` part sets the steps, batch and learning rate, batches group conversations
+    of similar length, ``run.json`` records the stage ``chat``, and no exact match is measured
+    (dialogue has no one right answer).
     """
+    if stage not in ("sft", "chat"):
+        raise ValueError(f"stage={stage!r} must be 'sft' or 'chat'")
+    if stage == "chat" and lora:
+        raise ValueError("the chat model trains in full; LoRA is for the sft stage")
     ddp, device = init_distributed(recipe.device)
     if batch_size is not None:
-        recipe = override(recipe, {"sft.batch_size": batch_size})
-    batch_size = recipe.sft.batch_size
+        recipe = override(recipe, {f"{stage}.batch_size": batch_size})
+    batch_size = recipe.chat.batch_size if stage == "chat" else recipe.sft.batch_size
     out = Path(out_dir)
-    cfg = sft_config(recipe, lora=bool(lora), **train_overrides)
+    cfg = sft_config(recipe, lora=bool(lora), stage=stage, **train_overrides)
     model, tok, parent = load_base(base, recipe, tokenizer=tokenizer, seed=cfg.seed)
     generated = train is None
     train = list(train) if train is not None else task_data(recipe, task, "train", seed=cfg.seed)
@@ -370,7 +403,7 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     block = model.config.block_size
     pad = 8 if device.startswith("cuda") else 1
     source = SFTSource(train, tok, batch_size, block, seed=cfg.seed, too_long=too_long,
-                       rank=ddp.rank, world_size=ddp.world_size, pad_multiple=pad)
+                       rank=ddp.rank, world_size=ddp.world_size, pad_multiple=pad, group_by_length=stage == "chat")
     lora_kwargs = None
     if lora:
         lora_kwargs = {**lora_settings(recipe), **(lora if isinstance(lora, Mapping) else {})}
@@ -390,9 +423,9 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
         q = test[0]
         return f"{q.prompt[-1].content} -> {answers(m, tok, [q])[0]!r} (expected {q.answer!r})"
 
-    stage = "lora" if lora_kwargs else "sft"
-    info = run_info(recipe, stage, parent=parent, parts=("tokenizer", "model", "optim", "sft", *(("lora",) if lora else ())),
-                    module="minigpt.sft", train=train_overrides,
+    info = run_info(recipe, "lora" if lora_kwargs else stage, parent=parent,
+                    parts=("tokenizer", "model", "optim", stage, *(("lora",) if lora else ())),
+                    module="minigpt.chatbot" if stage == "chat" else "minigpt.sft", train=train_overrides,
                     extra={"task": task if generated else "custom", "lora": lora_kwargs})
     with run_lock(out) if ddp.is_main else nullcontext():  # the folder is this run's until it ends
         if ddp.is_main:
@@ -410,13 +443,15 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
                   f"{cfg.max_steps} steps of {batch_size} conversations on {device}")
         trainer.fit(progress=progress, stop_at=stop_at, keep_steps=keep_steps)
         # Measured once, on the main process (every rank holds the same weights after DDP).
-        score = exact_match(trainer.raw_model, tok, test) if ddp.is_main else float("nan")
+        checkable = ddp.is_main and stage == "sft"
+        score = exact_match(trainer.raw_model, tok, test) if checkable else float("nan")
         if ddp.is_main:
             if lora_kwargs:
                 save_lora(trainer.raw_model, out / "lora.safetensors")
             if trainer.step >= cfg.max_steps:  # not a run stopped early (stop_at)
-                finish_run(out, info, exact_match=score)
-            print(f"held-out exact match: {score:.3f} on {len(test)} conversations")
+                finish_run(out, info, **({"exact_match": score} if checkable else {}))
+            if checkable:
+                print(f"held-out exact match: {score:.3f} on {len(test)} conversations")
     return SFTRun(trainer, tok, train, test, score)
 
 

@@ -78,6 +78,20 @@ def test_a_restored_source_serves_the_same_batches(tok):
         SFTSource(convs, tok, 8, 32, seed=4).load_state_dict(state)
 
 
+def test_grouped_batches_hold_conversations_of_similar_length(tok):
+    short = arithmetic(60, seed=0)
+    long = [Conversation.single(f"Tell me about Oslo and Alice, number {i}.", "Alice lives in Oslo. " * 3)
+            for i in range(20)]
+    source = SFTSource(short + long, tok, 8, 128, seed=1, group_by_length=True)
+    widths = [source.next_batch()[0].shape[1] for _ in range(10)]  # one epoch: 80 // 8
+    longest_short = max(len(render(c, tok)[0]) for c in short) - 1
+    assert sum(w > longest_short for w in widths) <= 3  # 20 long ones fill 2.5 batches, not most of them
+    again = SFTSource(short + long, tok, 8, 128, seed=1, group_by_length=True)
+    first, second = _rows(again, 10), _rows(again, 10)
+    assert len(set(first)) == 80 and set(first) == set(second) and first != second  # every one, once per epoch
+    assert _rows(SFTSource(short + long, tok, 8, 128, seed=1, group_by_length=True), 10) == first  # seeded
+
+
 def test_ranks_take_different_conversations(tok):
     convs = _convs(32)
     ranks = [SFTSource(convs, tok, 4, 32, seed=0, rank=r, world_size=2) for r in range(2)]

@@ -25,10 +25,11 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Pyt
 
 from conftest import CHROMIUM  # noqa: E402  (after the importorskip above)
 
+from minigpt.chat import ChatSession  # noqa: E402
 from minigpt.generate import next_token_probs  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.tokenizer import CharTokenizer  # noqa: E402
-from minigpt.viz import AttentionView, SamplingExplorer  # noqa: E402
+from minigpt.viz import AttentionView, ChatWidget, SamplingExplorer  # noqa: E402
 
 if not Path(CHROMIUM).exists():
     pytest.skip("Chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
@@ -46,12 +47,14 @@ PAGE = """<!doctype html>
 <section id="attention">{attention}</section>
 <section id="trace">{trace}</section>
 <section id="other">{other}</section>
+<section id="chat">{chat}</section>
 </body></html>
 """
 
 
 @pytest.fixture(scope="module")
-def widgets() -> dict[str, Any]:
+def widgets(tok: Any) -> dict[str, Any]:  # tok: conftest's, with the chat tokens
+    chat_tok = tok
     torch.manual_seed(0)
     tok = CharTokenizer.from_text(TEXT)
     model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_embd=32)).eval()
@@ -59,6 +62,8 @@ def widgets() -> dict[str, Any]:
         model.transformer.wte.weight.mul_(4)
         for block in model.transformer.h:
             block.attn.c_attn.weight.mul_(10)
+    talker = GPT(GPTConfig(block_size=64, vocab_size=chat_tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    chat = ChatWidget(ChatSession(talker, chat_tok, temperature=0.0, max_new_tokens=8), title="Chat, random model")
     return {
         "tok": tok,
         "attention": AttentionView.from_model(model, tok, "The quick brown fox jumps", title="Attention, random model"),
@@ -66,13 +71,14 @@ def widgets() -> dict[str, Any]:
                                         title="Sampling trace (seed 0)"),
         # Fewer bars than the vocabulary: the rest share an "other" bar.
         "other": SamplingExplorer.from_model(model, tok, "The lazy dog", n_top=12, title="Next token, top 12"),
+        "chat": chat.record(["Hello", "What is 2 + 2?"]),
     }
 
 
 @pytest.fixture(scope="module")
 def url(widgets: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("viz_page")
-    html = PAGE.format(**{k: widgets[k]._repr_mimebundle_()[0]["text/html"] for k in ("attention", "trace", "other")})
+    html = PAGE.format(**{k: widgets[k]._repr_mimebundle_()[0]["text/html"] for k in ("attention", "trace", "other", "chat")})
     (root / "index.html").write_text(html, encoding="utf-8")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *args: None  # type: ignore[method-assign]
@@ -108,6 +114,7 @@ def page(browser: Any, url: str) -> Iterator[Any]:
     page.wait_for_selector("#attention svg.mgv-heat")
     page.wait_for_selector("#trace .mgv-bars .mgv-row")
     page.wait_for_selector("#other .mgv-bars .mgv-row")
+    page.wait_for_selector("#chat .mgv-log .mgv-turn")
     page.errors = errors  # type: ignore[attr-defined]
     yield page
     assert blocked == [], f"the page tried to reach the network: {blocked}"
@@ -261,6 +268,14 @@ def test_trace_steps(page: Any, widgets: dict[str, Any]) -> None:
     assert rows(page, "trace")["step"] == trace.n_steps - 1
 
 
+def test_the_static_chat_shows_the_recorded_conversation_with_the_box_off(page: Any, widgets: dict[str, Any]) -> None:
+    turns = page.eval_on_selector_all("#chat .mgv-turn", "ts => ts.map(t => t.textContent)")
+    expected = [f"{'you' if t['role'] == 'user' else 'assistant'}>{t['content']}" for t in widgets["chat"].transcript]
+    assert turns == expected and len(turns) == 4
+    assert page.is_disabled("#chat [data-role=input]") and page.is_disabled("#chat [data-role=send]")
+    assert "run the notebook" in page.inner_text("#chat [data-role=hint]")
+
+
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_screenshots(browser: Any, url: str, scheme: str, shots_dir: Path) -> None:
     context = browser.new_context(viewport={"width": 1000, "height": 900}, color_scheme=scheme,
@@ -279,7 +294,8 @@ def test_screenshots(browser: Any, url: str, scheme: str, shots_dir: Path) -> No
     page.fill("#trace input[data-role=top_p]", "0.9")
     page.locator("#trace").screenshot(path=str(shots_dir / f"sampling_trace_{scheme}.png"))
     page.locator("#other").screenshot(path=str(shots_dir / f"sampling_other_{scheme}.png"))
-    for name in ("attention", "sampling_trace", "sampling_other"):
+    page.locator("#chat").screenshot(path=str(shots_dir / f"chat_{scheme}.png"))
+    for name in ("attention", "sampling_trace", "sampling_other", "chat"):
         assert (shots_dir / f"{name}_{scheme}.png").stat().st_size > 5_000
     assert errors == []
     context.close()

@@ -3,7 +3,10 @@ rewards of RL on them.
 
 * :mod:`~minigpt.tasks.data` -- arithmetic, questions about a little generated world, string
   tasks and their mixture; labelled text for classification heads; instruction sets from the Hub;
-* :mod:`~minigpt.tasks.evaluate` -- a model's greedy answers (chat or few-shot) and exact match;
+* :mod:`~minigpt.tasks.dialogue` -- human-written conversations (chatterbot-corpus), split by
+  opening question: not checkable, but what makes the chat model talk;
+* :mod:`~minigpt.tasks.evaluate` -- a model's greedy answers (chat or few-shot), exact match and
+  pass@k;
 * :mod:`~minigpt.tasks.rewards` -- reward functions for RL: whether the answer is right, and a
   stand-in labeler's taste.
 
@@ -36,11 +39,13 @@ from minigpt.tasks.data import (
     string_tasks,
     world_qa,
 )
-from minigpt.tasks.evaluate import answers, exact_match, few_shot_prompt, normalize_answer
+from minigpt.tasks.dialogue import DIALOGUE_LANGUAGES, dialogue_key, dialogues, parse_dialogue
+from minigpt.tasks.evaluate import answers, exact_match, few_shot_prompt, normalize_answer, pass_at_k
 from minigpt.tasks.rewards import correct, even_digits
 
 __all__ = [
     "BAD",
+    "DIALOGUE_LANGUAGES",
     "ENTITY_TAGS",
     "GOOD",
     "HELD_OUT",
@@ -56,6 +61,8 @@ __all__ = [
     "answers",
     "arithmetic",
     "correct",
+    "dialogue_key",
+    "dialogues",
     "entity_tags",
     "even_digits",
     "exact_match",
@@ -64,6 +71,8 @@ __all__ = [
     "make_task",
     "mixture",
     "normalize_answer",
+    "parse_dialogue",
+    "pass_at_k",
     "review_questions",
     "reviews",
     "smoltalk_conversation",

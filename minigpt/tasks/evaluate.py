@@ -5,13 +5,20 @@ with ``few_shot`` examples it measures a base model instead, prompted with plain
 ("Q: ... A: ..."), so the chapter can put in-context learning and SFT side by side on the same
 held-out questions.
 
+:func:`pass_at_k` samples instead: the chance that at least one of ``k`` sampled answers is right,
+which bounds what RL on a verifiable reward can reach (it reinforces right answers the model
+samples, so it turns pass@k into pass@1 at best, not beyond).
+
 Kept apart from the examples, which need no model, and from the rewards, which share only
 :func:`normalize_answer`: the one notion of "the same answer".
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+
+import torch
 
 from minigpt.chat import END_OF_TURN, Conversation, Message, check_chat_tokenizer, render_prompt
 from minigpt.generate import complete
@@ -79,3 +86,31 @@ def exact_match(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Con
                   batch_size=batch_size)
     hits = sum(normalize_answer(g) == normalize_answer(c.answer) for g, c in zip(got, conversations))
     return hits / len(conversations)
+
+
+def pass_at_k(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation], ks: Sequence[int] = (1, 8),
+              *, samples: int = 16, temperature: float = 1.0, max_new_tokens: int | None = None,
+              seed: int = 0) -> dict[int, float]:
+    """pass@k for each ``k`` in ``ks``: the chance that at least one of ``k`` answers sampled at
+    ``temperature`` is right, averaged over ``conversations``.
+
+    Each question gets ``samples`` answers (``n``, at least the largest ``k``), of which ``c`` are
+    right, and pass@k is estimated without bias as ``1 - C(n - c, k) / C(n, k)`` (Chen et al. 2021,
+    the Codex paper): better than drawing just ``k``, which would waste the other samples."""
+    if not conversations:
+        raise ValueError("pass_at_k needs at least one conversation")
+    if not ks or min(ks) < 1 or max(ks) > samples:
+        raise ValueError(f"every k must be between 1 and samples={samples}, got ks={list(ks)}; "
+                         "draw more samples to estimate a larger k")
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer.encode(c.answer)) for c in conversations) + 4
+    end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
+    prompts = [render_prompt(c, tokenizer) for c in conversations for _ in range(samples)]
+    generator = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(seed)
+    outs = complete(model, prompts, max_new_tokens, stop_tokens=[end], temperature=temperature,
+                    generator=generator, batch_size=256)
+    right = [0] * len(conversations)
+    for i, ids in enumerate(outs):
+        got = tokenizer.decode(ids[:ids.index(end)] if end in ids else ids)
+        right[i // samples] += normalize_answer(got) == normalize_answer(conversations[i // samples].answer)
+    return {k: sum(1 - math.comb(samples - c, k) / math.comb(samples, k) for c in right) / len(right) for k in ks}

@@ -3,6 +3,8 @@
 * :class:`AttentionView` -- per layer and head, which earlier tokens each token attends to.
 * :class:`SamplingExplorer` -- how temperature, top-k, top-p and min-p reshape the next-token
   distribution, and a seeded generation to step through token by token.
+* :class:`ChatWidget` -- a text box and a transcript that streams the model's reply (live), or
+  the conversation recorded in the notebook (static).
 * :func:`plot_attention`, :func:`plot_sampling` -- their matplotlib twins, for print.
 
 Each widget is one JavaScript module fed a JSON payload that Python computes: anywidget runs it
@@ -27,17 +29,20 @@ if TYPE_CHECKING:
         encode_attention,
         plot_attention,
     )
+    from minigpt.viz.chat import ChatWidget
     from minigpt.viz.sampling import SamplingExplorer, plot_sampling, trace_logits
 
 __all__ = [
     "AttentionView", "attention_maps", "decode_attention", "encode_attention", "plot_attention",
     "SamplingExplorer", "plot_sampling", "trace_logits",
+    "ChatWidget",
     "token_label",
 ]
 
 # Where each public name lives, imported on first use (PEP 562).
 _WHERE = {name: "attention" for name in __all__[:5]} | {name: "sampling" for name in __all__[5:8]}
 _WHERE["token_label"] = "_common"
+_WHERE["ChatWidget"] = "chat"
 
 
 def __getattr__(name: str) -> Any:
