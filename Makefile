@@ -40,7 +40,7 @@ test-colab: $(STAMP)
 # are errors (-W; --keep-going reports them all) and every cross-reference must resolve (-n).
 # book/stale.py first drops the cached execution of each chapter whose package code changed.
 book: $(STAMP)
-	$(PYTHON) book/stale.py
+	MINIGPT_PROFILE=cpu $(PYTHON) book/stale.py
 	MINIGPT_PROFILE=cpu $(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "Open _build/html/index.html"
 

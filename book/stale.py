@@ -1,12 +1,14 @@
-"""Re-execute a chapter when the package code it runs changed, not only when its cells did.
+"""Re-execute a chapter when the package code or the recipe it runs changed, not only when its cells did.
 
 The book's execution cache (jupyter-cache, ``_build/.jupyter_cache``) is keyed on a notebook's
 code cells. A chapter whose cells are unchanged would show old outputs after a change to, say,
 ``minigpt/sft.py``. ``python book/stale.py`` (``make book`` runs it first) computes each
 chapter's code digest: the ``minigpt`` modules its cells import and, for a chapter that uses
-cached runs (:mod:`minigpt.runs`), every stage's code too. It drops the cached execution of each
-chapter whose digest changed since the last build and touches the notebook (Sphinx reads again
-only what changed), and says why. The build then re-executes that chapter, and
+cached runs (:mod:`minigpt.runs`), every stage's code too; and the recipe the book is built with
+(``$MINIGPT_PROFILE``, ``cpu`` for ``make book``), since every chapter reads it and a changed
+setting changes what the chapter prints, though no code changed. It drops the cached execution of
+each chapter whose digest changed since the last build and touches the notebook (Sphinx reads
+again only what changed), and says why. The build then re-executes that chapter, and
 :func:`minigpt.runs.find_or_make` retrains the runs whose code changed.
 
 A chapter whose last execution failed has no cached execution, but Sphinx, seeing an unchanged
@@ -18,7 +20,9 @@ The digests of the last build are kept in ``_build/.minigpt-chapter-digests.json
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,13 +45,22 @@ def chapter_digest(notebook: Path) -> tuple[str, list[str]]:
     return code_digest(*modules) if modules else ("", [])
 
 
+def recipe_digest() -> str:
+    """A digest of every setting of the recipe the book is built with."""
+    from minigpt.recipe import flatten, recipe
+
+    settings = list(flatten(recipe(os.environ.get("MINIGPT_PROFILE", "cpu"))))
+    return hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:16]
+
+
 def main() -> int:
     from jupyter_cache import get_cache
 
     notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
     old = json.loads(DIGESTS.read_text()) if DIGESTS.exists() else {}
     digests = {nb.name: chapter_digest(nb) for nb in notebooks}
-    new = {name: digest for name, (digest, _) in digests.items()}
+    settings = recipe_digest()
+    new = {name: f"{digest}:{settings}" for name, (digest, _) in digests.items()}
     stale = [nb for nb in notebooks if nb.name in old and old[nb.name] != new[nb.name]]
     if CACHE.exists():  # an earlier build ran: its cached executions and pages may be out of date
         cache = get_cache(CACHE)
@@ -59,8 +72,12 @@ def main() -> int:
             if nb in stale:
                 if record is not None:
                     cache.remove_cache(record.pk)
-                print(f"{nb.name}: the package code it runs changed since the last build "
-                      f"({', '.join(digests[nb.name][1][:6])}, ...): it runs again")
+                if old[nb.name].split(":")[0] != digests[nb.name][0]:
+                    print(f"{nb.name}: the package code it runs changed since the last build "
+                          f"({', '.join(digests[nb.name][1][:6])}, ...): it runs again")
+                else:
+                    print(f"{nb.name}: the recipe changed since the last build (`minigpt recipe` prints it): "
+                          "it runs again")
             elif record is None:
                 print(f"{nb.name}: no successful execution of it is cached (the last one failed or "
                       "never ran): it runs again")

@@ -48,9 +48,9 @@ stale = _load("stale")
 
 
 def test_a_chapter_runs_again_when_the_package_code_it_runs_changes(tmp_path, monkeypatch, capsys) -> None:
-    """A chapter's digest covers what it imports and, if it uses cached runs, every stage's code;
-    book/stale.py drops the cached execution of a chapter whose digest changed, and makes a chapter
-    whose last execution failed run again."""
+    """A chapter's digest covers what it imports and, if it uses cached runs, every stage's code,
+    and the recipe; book/stale.py drops the cached execution of a chapter whose digest changed, and
+    makes a chapter whose last execution failed run again."""
     _, tokenization = stale.chapter_digest(ROOT / "notebooks" / "01_tokenization.ipynb")
     _, rlhf = stale.chapter_digest(ROOT / "notebooks" / "06_rlhf.ipynb")
     assert "minigpt.tokenizer" in tokenization and "minigpt.sft" not in tokenization
@@ -88,6 +88,11 @@ def test_a_chapter_runs_again_when_the_package_code_it_runs_changes(tmp_path, mo
     failed.clear()
     stale.main()
     assert "no successful execution" not in capsys.readouterr().out
+    # a changed setting re-runs every chapter, though no code changed
+    monkeypatch.setattr(stale, "recipe_digest", lambda: "f" * 16)
+    removed.clear()
+    assert stale.main() == 0 and sorted(removed) == sorted(nb.name for nb in (ROOT / "notebooks").glob("*.ipynb"))
+    assert "05_sft.ipynb: the recipe changed since the last build" in capsys.readouterr().out
 
 
 def toc_docnames() -> list[str]:
