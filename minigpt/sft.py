@@ -317,13 +317,13 @@ def task_data(recipe: Recipe, task: str, split: str, *, seed: int = 0) -> list[C
     return make_task(task, s.train_examples if split == "train" else s.n_test or 200, split=split, seed=seed)
 
 
-Stage = Literal["sft", "chat"]
+Stage = Literal["sft", "chat"]  # also the name of the recipe part that sets the run (recipe.sft, recipe.chat)
 
 
 def sft_config(recipe: Recipe, *, lora: bool = False, stage: Stage = "sft", **overrides: Any) -> TrainConfig:
     """The Trainer's settings for SFT (``recipe.sft``, ``recipe.lora`` with ``lora``, or ``recipe.chat``
     for the chat model's ``stage``); ``overrides`` win."""
-    s = recipe.chat if stage == "chat" else recipe.sft
+    s = getattr(recipe, stage)
     base: dict[str, Any] = dict(
         max_steps=recipe.lora.steps if lora else s.steps, grad_accum=1, warmup_steps=s.warmup_steps,
         learning_rate=recipe.lora.learning_rate if lora else s.learning_rate,
@@ -377,7 +377,7 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     otherwise is refused, and ``resume=False`` starts over (:func:`~minigpt.runs.begin_run`); a folder
     another run trains into is refused (:func:`~minigpt.runs.run_lock`). ``train_overrides``
     are :class:`~minigpt.train.TrainConfig` fields; ``batch_size`` (conversations per micro-batch)
-    overrides ``recipe.sft.batch_size``. ``stop_at`` and ``keep_steps`` go to
+    overrides the stage's ``batch_size`` in the recipe. ``stop_at`` and ``keep_steps`` go to
     :meth:`~minigpt.train.Trainer.fit`: stop early at that step of the schedule (a later call
     continues onto the same curve), keep the checkpoints of those steps.
 
@@ -393,7 +393,7 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     ddp, device = init_distributed(recipe.device)
     if batch_size is not None:
         recipe = override(recipe, {f"{stage}.batch_size": batch_size})
-    batch_size = recipe.chat.batch_size if stage == "chat" else recipe.sft.batch_size
+    batch_size = getattr(recipe, stage).batch_size
     out = Path(out_dir)
     cfg = sft_config(recipe, lora=bool(lora), stage=stage, **train_overrides)
     model, tok, parent = load_base(base, recipe, tokenizer=tokenizer, seed=cfg.seed)

@@ -37,6 +37,16 @@ def _plain(messages: Sequence[Message]) -> str:
     return "\n".join(prefix[m.role] + m.content for m in messages)
 
 
+def _until_end(tokenizer: BPETokenizer, ids: list[int], end: int) -> str:
+    """A chat answer's text: the ids up to ``<|end|>`` (all of them if it never came)."""
+    return tokenizer.decode(ids[:ids.index(end)] if end in ids else ids)
+
+
+def _is_right(answer: str, conversation: Conversation) -> bool:
+    """Whether ``answer`` is the conversation's expected answer, after :func:`normalize_answer`."""
+    return normalize_answer(answer) == normalize_answer(conversation.answer)
+
+
 def few_shot_prompt(shots: Sequence[Conversation], conversation: Conversation) -> str:
     """Plain text that shows a base model worked examples, then the question::
 
@@ -68,7 +78,7 @@ def answers(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Convers
         end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
         prompts = [render_prompt(c, tokenizer) for c in conversations]
         outs = complete(model, prompts, max_new_tokens, stop_tokens=[end], batch_size=batch_size)
-        return [tokenizer.decode(ids[:ids.index(end)] if end in ids else ids) for ids in outs]
+        return [_until_end(tokenizer, ids, end) for ids in outs]
     newline = [i for i, b in tokenizer.vocab.items() if b"\n" in b]
     prompts = [tokenizer.encode(few_shot_prompt(few_shot, c)) for c in conversations]
     outs = complete(model, prompts, max_new_tokens, stop_tokens=newline, batch_size=batch_size)
@@ -84,7 +94,7 @@ def exact_match(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Con
         raise ValueError("exact_match needs at least one conversation")
     got = answers(model, tokenizer, conversations, few_shot=few_shot, max_new_tokens=max_new_tokens,
                   batch_size=batch_size)
-    hits = sum(normalize_answer(g) == normalize_answer(c.answer) for g, c in zip(got, conversations))
+    hits = sum(_is_right(g, c) for g, c in zip(got, conversations))
     return hits / len(conversations)
 
 
@@ -111,6 +121,5 @@ def pass_at_k(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conve
                     generator=generator, batch_size=256)
     right = [0] * len(conversations)
     for i, ids in enumerate(outs):
-        got = tokenizer.decode(ids[:ids.index(end)] if end in ids else ids)
-        right[i // samples] += normalize_answer(got) == normalize_answer(conversations[i // samples].answer)
+        right[i // samples] += _is_right(_until_end(tokenizer, ids, end), conversations[i // samples])
     return {k: sum(1 - math.comb(samples - c, k) / math.comb(samples, k) for c in right) / len(right) for k in ks}

@@ -59,8 +59,9 @@ class ChatWidget(StaticHTMLWidget):
         finally:
             self.busy = False
         if self.session.dropped_turns > before:
-            self._note(f"the chat outgrew the model's context: its {self.session.dropped_turns} oldest "
-                       "exchange(s) are forgotten")
+            self.transcript = [*self.transcript, {"role": "note", "content": (
+                f"the chat outgrew the model's context: its {self.session.dropped_turns} oldest exchange(s) "
+                "are forgotten")}]
         return reply
 
     def reset(self) -> None:
@@ -76,9 +77,6 @@ class ChatWidget(StaticHTMLWidget):
 
     def static_state(self) -> dict[str, Any]:
         return {**super().static_state(), "static": True}
-
-    def _note(self, text: str) -> None:
-        self.transcript = [*self.transcript, {"role": "note", "content": text}]
 
     def _on_message(self, _widget: Any, content: dict[str, Any], _buffers: Any) -> None:
         if content.get("type") == "say":
