@@ -13,6 +13,9 @@ Dialogue has no single right answer, so exact match cannot score it. What we mea
   prompt: how much better the model predicts what a person would say;
 * :func:`end_rate`: the share of sampled replies that end their turn with ``<|end|>`` instead of
   running on: the one habit a chat model must learn that a text continuer never had.
+
+Online there is a second chat model, :func:`train_instruct`: OpenAI's GPT-2 fine-tuned the same way
+on an instruction set from the Hub (Alpaca-cleaned, SmolTalk), measured the same way.
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from minigpt.model import GPT, evaluating
 from minigpt.recipe import Recipe
 from minigpt.runs import find_or_make, finish_run, read_run
 from minigpt.sft import SFTRun, sft, task_data
-from minigpt.tasks import dialogues, exact_match
-from minigpt.tokenizer import BPETokenizer
+from minigpt.tasks import dialogues, exact_match, load_chat_data, split_of
+from minigpt.tokenizer import BPETokenizer, gpt2_tokenizer
 
-__all__ = ["chat_data", "end_rate", "fits", "plain_text", "reply_loss", "train_chat"]
+__all__ = ["chat_data", "end_rate", "fits", "instruct_data", "plain_text", "reply_loss", "train_chat",
+           "train_instruct"]
 
 
 def fits(conversations: list[Conversation], tokenizer: BPETokenizer, max_tokens: int) -> list[Conversation]:
@@ -147,4 +151,42 @@ def train_chat(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool = Tru
                     "exact_match": exact_match(model, tok, task_data(recipe, "arithmetic", "test", seed=recipe.seed))}
         finish_run(Path(out_dir), read_run(out_dir), **measured)
         print("chat model: " + ", ".join(f"{k} {v:.3f}" for k, v in measured.items()))
+    return run
+
+
+def instruct_data(recipe: Recipe, tokenizer: BPETokenizer) -> tuple[list[Conversation], list[Conversation]]:
+    """``recipe.instruct.rows`` rows of its instruction set (from the Hub, or from the local file
+    ``instruct.data_files`` in that set's schema), those that fit ``instruct.max_tokens``, split by their first question
+    (:func:`~minigpt.tasks.split_of`), so a question asked twice never sits on both sides; at most
+    ``instruct.n_test`` held out."""
+    i = recipe.instruct
+    rows = fits(load_chat_data(i.data, limit=i.rows, data_files=i.data_files or None), tokenizer, i.max_tokens)
+    side = [split_of(next(m.content for m in c.messages if m.role == "user")) for c in rows]
+    return ([c for c, s in zip(rows, side) if s == "train"],
+            [c for c, s in zip(rows, side) if s == "test"][:i.n_test])
+
+
+def train_instruct(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool = True, progress: bool = True) -> SFTRun:
+    """Instruction-tune OpenAI's GPT-2 (``recipe.instruct.weights``, through
+    :meth:`~minigpt.model.GPT.from_pretrained`) on ``recipe.instruct.data`` into ``out_dir``.
+
+    Needs the Hub (or local copies: a folder in Hugging Face's layout for ``instruct.weights``, a
+    JSON/JSONL file for ``instruct.data_files``);
+    offline it raises :class:`~minigpt.errors.NetworkError` within seconds. ``run.json`` records the
+    held-out reply loss of GPT-2 prompted in plain text (``base_reply_loss``) and of the tuned
+    model, and the share of sampled replies that end their turn.
+    """
+    i = recipe.instruct
+    base = GPT.from_pretrained(i.weights)
+    tokenizer = with_chat_tokens(gpt2_tokenizer())
+    train, test = instruct_data(recipe, tokenizer)
+    run = sft(recipe, base, out_dir, tokenizer=tokenizer, stage="instruct", train=train, test=test,
+              resume=resume, progress=progress)
+    if run.trainer.ddp.is_main and run.trainer.step >= run.trainer.cfg.max_steps:
+        model, tok = run.model, run.tokenizer
+        measured = {"base_reply_loss": reply_loss(base.to(run.trainer.device), tok, test, plain=True),
+                    "reply_loss": reply_loss(model, tok, test),
+                    "end_rate": end_rate(model, tok, test, max_new_tokens=64, seed=recipe.seed)}
+        finish_run(Path(out_dir), read_run(out_dir), **measured)
+        print("instruction-tuned GPT-2: " + ", ".join(f"{k} {v:.3f}" for k, v in measured.items()))
     return run

@@ -140,17 +140,29 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
         print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
 
 
+#: ``--lang``'s short codes, as the corpus names its languages (any other name of the corpus works as is).
+LANGUAGE_CODES = {"en": "english", "zh": "chinese"}
+
+
 def _cmd_sft(args: argparse.Namespace) -> None:
     from minigpt.sft import sft
 
+    if args.lang:  # --lang zh is --chat --chat.language chinese
+        language = LANGUAGE_CODES.get(args.lang.lower(), args.lang.lower())
+        if args.overrides.get("chat.language", language) != language:
+            raise ValueError(f"--lang {args.lang} and --chat.language {args.overrides['chat.language']} disagree; "
+                             "give one of them")
+        args.chat, args.overrides = True, {**args.overrides, "chat.language": language}
     r, train_overrides = _recipe_to_run(args, args.out)
     if args.chat:
         from minigpt.chatbot import train_chat
+        from minigpt.data import chatterbot_files
 
         if train_overrides or args.lora or args.base or args.task != "arithmetic":
             raise ValueError("--chat trains the recipe's chat model from its pretrained run: set its fields as "
                              "--chat.FIELD (such as --chat.steps 500 or --chat.language chinese), not --train.*, "
                              "--lora, --base or --task")
+        chatterbot_files(r.chat.language)  # an unknown language fails now, not after pretraining
         _print_recipe(r, ["model", "optim", "chat"])
         run = train_chat(r, args.out, resume=not args.restart)
         if run.trainer.ddp.is_main:
@@ -296,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chat", action="store_true",
                    help="train the chat model instead: human dialogue with arithmetic mixed in, from the pretrained "
                         "run (the recipe's chat section; --chat.language chinese for the Chinese conversations)")
+    t.add_argument("--lang", metavar="LANGUAGE",
+                   help="train the chat model (implies --chat) on the conversations of LANGUAGE: zh or chinese, "
+                        "en or english, or any other language of chatterbot-corpus (the same as --chat.language)")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     t.set_defaults(func=_cmd_sft)
 

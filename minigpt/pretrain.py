@@ -18,7 +18,7 @@ from minigpt.model import GPT, GPTConfig
 from minigpt.recipe import Recipe
 from minigpt.runs import begin_run, finish_run, run_info, run_lock
 from minigpt.shards import ShardLoader
-from minigpt.tokenizer import BPETokenizer, get_encoding, train_bpe
+from minigpt.tokenizer import BPETokenizer, gpt2_tokenizer, train_bpe
 from minigpt.train import Distributed, TrainConfig, Trainer, init_distributed
 
 EOT = "<|endoftext|>"
@@ -32,7 +32,7 @@ def pretrain_tokenizer(recipe: Recipe, out_dir: str | os.PathLike) -> BPETokeniz
     if path.exists():
         return BPETokenizer.load(path)
     if t.kind == "gpt2":
-        tok = BPETokenizer.from_tiktoken(get_encoding("gpt2"))
+        tok = gpt2_tokenizer()
     else:
         train_docs, _ = CORPORA[recipe.pretrain.corpus].splits()
         text, size = [], 0

@@ -27,6 +27,7 @@ from minigpt.data import CORPORA
 from minigpt.rlhf.dpo import DPOConfig
 from minigpt.rlhf.grpo import GRPOConfig
 from minigpt.rlhf.ppo import PPOConfig
+from minigpt.train import DTYPES
 
 __all__ = ["RECIPES", "Recipe", "check_device", "default_recipe_name", "flatten", "override", "parse_value", "recipe"]
 
@@ -34,7 +35,8 @@ __all__ = ["RECIPES", "Recipe", "check_device", "default_recipe_name", "flatten"
 #: empty tensor).
 _POSITIVE = ("tokenizer.corpus_chars", "tokenizer.vocab_size", "model.n_layer", "model.n_head", "model.n_embd",
              "model.block_size", "pretrain.batch_size", "pretrain.total_batch_tokens", "sft.batch_size", "lora.rank",
-             "chat.batch_size", "chat.max_tokens", "chat.reply_tokens",
+             "chat.batch_size", "chat.max_tokens", "chat.reply_tokens", "instruct.rows", "instruct.batch_size",
+             "instruct.max_tokens", "instruct.n_test",
              "rlhf.ppo.batch_size", "rlhf.dpo.batch_size", "rlhf.grpo.prompts_per_step", "classify.batch_size",
              "classify.lora_rank", "generation.rows", "blocks.batch_size", "continual.batch_size",
              "continual.lora_rank", "vision.patch", "vision.batch_size")
@@ -131,6 +133,28 @@ class ChatRecipe:
 
 
 @dataclass(frozen=True)
+class InstructRecipe:
+    """Chapter 5, online: OpenAI's GPT-2 instruction-tuned on an instruction set from the Hub.
+
+    Only when the Hub is reachable (offline the chapter says what this would do and goes on). The
+    ``ci`` sizes are what the tests run on a GPT-2-shaped stand-in; ``cpu`` is a short taste on a
+    laptop (a 124M model trains at a few seconds a step there); ``gpu`` is the real run.
+    """
+
+    weights: str  # a GPT-2 on the Hub ("gpt2" 124M, "gpt2-medium" 355M) or a folder in its layout
+    data: str  # an instruction set of minigpt.tasks.data.ONLINE ("alpaca", "smol-smoltalk", ...)
+    rows: int  # rows streamed from it; those whose first question hashes to "test" (about 10%) are held out
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    max_tokens: int  # longer conversations are left out
+    eval_interval: int
+    n_test: int  # held-out conversations measured at the end
+    data_files: str = ""  # a local JSON/JSONL file of rows in data's schema, read instead of the Hub
+
+
+@dataclass(frozen=True)
 class RewardRecipe:
     """Chapter 6: the reward model trained on the rule's preferences."""
 
@@ -219,7 +243,7 @@ class Recipe:
 
     name: str
     device: str
-    dtype: str  # "float32" or "bfloat16" (autocast dtype on CUDA)
+    dtype: str  # the autocast dtype, one of minigpt.train.DTYPES; "auto" picks it by device
     compile: bool  # torch.compile the model where it pays off
     tokenizer: TokenizerRecipe
     model: ModelRecipe
@@ -227,6 +251,7 @@ class Recipe:
     sft: SFTRecipe
     lora: LoRARecipe
     chat: ChatRecipe
+    instruct: InstructRecipe
     rlhf: RLHFRecipe
     classify: ClassifyRecipe
     generation: GenerationRecipe
@@ -249,8 +274,8 @@ class Recipe:
             raise ValueError(f"pretrain.corpus={self.pretrain.corpus!r} is not a corpus; choose one of {', '.join(CORPORA)}")
         if self.model.n_embd % self.model.n_head:
             raise ValueError(f"model.n_embd={self.model.n_embd} must be a multiple of model.n_head={self.model.n_head}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
         if self.tokenizer.kind not in ("bpe", "gpt2"):
             raise ValueError(f"tokenizer.kind={self.tokenizer.kind!r} must be 'bpe' or 'gpt2'")
         if self.chat.max_tokens > self.model.block_size + 1:
@@ -276,7 +301,7 @@ _RLHF_FROM_STEP_1200 = RLHFRecipe(
 #: The four named recipes, by profile name: ``ci``, ``cpu``, ``gpu`` and ``full``.
 RECIPES: dict[str, Recipe] = {
     "ci": Recipe(
-        name="ci", device="cpu", dtype="float32", compile=False,
+        name="ci", device="cpu", dtype="auto", compile=False,
         tokenizer=TokenizerRecipe(kind="bpe", corpus_chars=200_000, vocab_size=512),
         model=ModelRecipe(n_layer=2, n_head=2, n_embd=64, block_size=64),
         pretrain=PretrainRecipe(corpus="shakespeare", batch_size=8, total_batch_tokens=8 * 64, steps=100,
@@ -289,6 +314,9 @@ RECIPES: dict[str, Recipe] = {
                         train_also=("ln_1", "ln_2", "ln_f")),
         chat=ChatRecipe(language="english", steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=20,
                         arithmetic=0.5, max_tokens=64, eval_interval=100, reply_tokens=32),
+        # Sized for the tests' random GPT-2-shaped stand-in (tests/test_instruct.py); real GPT-2 would want ~1e-4.
+        instruct=InstructRecipe(weights="gpt2", data="alpaca", rows=200, steps=20, batch_size=8, learning_rate=1e-2,
+                                warmup_steps=2, max_tokens=96, eval_interval=10, n_test=16),
         rlhf=RLHFRecipe(start_step=120, n_test=None, pair_samples=4, pair_prompts=400, test_on_all=True,
                         reward=RewardRecipe(steps=60, learning_rate=1e-3),
                         ppo=PPOConfig(steps=40, batch_size=64, learning_rate=1e-4, kl_coef=0.1, response_length=6),
@@ -306,7 +334,7 @@ RECIPES: dict[str, Recipe] = {
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=6e-3),
     ),
     "cpu": Recipe(
-        name="cpu", device="cpu", dtype="float32", compile=False,
+        name="cpu", device="cpu", dtype="auto", compile=False,
         tokenizer=TokenizerRecipe(kind="bpe", corpus_chars=2_000_000, vocab_size=2048),
         model=ModelRecipe(n_layer=4, n_head=4, n_embd=128, block_size=128),
         pretrain=PretrainRecipe(corpus="shakespeare", batch_size=16, total_batch_tokens=16 * 128, steps=2000,
@@ -318,6 +346,8 @@ RECIPES: dict[str, Recipe] = {
                         train_also=("ln_1", "ln_2", "ln_f", "wpe")),
         chat=ChatRecipe(language="english", steps=2000, batch_size=64, learning_rate=2e-3, warmup_steps=50,
                         arithmetic=0.95, max_tokens=96, eval_interval=250),
+        instruct=InstructRecipe(weights="gpt2", data="alpaca", rows=2000, steps=40, batch_size=4, learning_rate=1e-4,
+                                warmup_steps=10, max_tokens=192, eval_interval=50, n_test=50),
         rlhf=_RLHF_FROM_STEP_1200,
         classify=ClassifyRecipe(n_train=4000, n_test=500, steps=150, batch_size=32, learning_rate=2e-3,
                                 head_learning_rate=1e-2, lora_learning_rate=5e-3, lora_rank=4, warmup_steps=20),
@@ -329,7 +359,7 @@ RECIPES: dict[str, Recipe] = {
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=4e-3),
     ),
     "gpu": Recipe(
-        name="gpu", device="cuda", dtype="bfloat16", compile=True,
+        name="gpu", device="cuda", dtype="auto", compile=True,
         tokenizer=TokenizerRecipe(kind="bpe", corpus_chars=20_000_000, vocab_size=8192),
         model=ModelRecipe(n_layer=6, n_head=6, n_embd=384, block_size=256),
         pretrain=PretrainRecipe(corpus="tinystories", batch_size=64, total_batch_tokens=64 * 256, steps=5000,
@@ -341,6 +371,8 @@ RECIPES: dict[str, Recipe] = {
                         train_also=("ln_1", "ln_2", "ln_f", "wpe")),
         chat=ChatRecipe(language="english", steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=50,
                         arithmetic=0.95, max_tokens=256, eval_interval=250),
+        instruct=InstructRecipe(weights="gpt2", data="alpaca", rows=20000, steps=1000, batch_size=32,
+                                learning_rate=5e-5, warmup_steps=50, max_tokens=512, eval_interval=250, n_test=200),
         rlhf=_RLHF_FROM_STEP_1200,
         classify=ClassifyRecipe(n_train=20000, n_test=2000, steps=1000, batch_size=64, learning_rate=3e-4,
                                 head_learning_rate=1e-2, lora_learning_rate=3e-3, lora_rank=8, warmup_steps=50),
@@ -352,7 +384,7 @@ RECIPES: dict[str, Recipe] = {
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=2e-3),
     ),
     "full": Recipe(
-        name="full", device="cuda", dtype="bfloat16", compile=True,
+        name="full", device="cuda", dtype="auto", compile=True,
         tokenizer=TokenizerRecipe(kind="gpt2", corpus_chars=100_000_000, vocab_size=50304),
         model=ModelRecipe(n_layer=12, n_head=12, n_embd=768, block_size=1024),
         # GPT-3 paper's 125M recipe: 0.5M-token batches, 10B tokens, 375M-token warmup.
@@ -365,6 +397,8 @@ RECIPES: dict[str, Recipe] = {
                         train_also=("ln_1", "ln_2", "ln_f", "wpe")),
         chat=ChatRecipe(language="english", steps=2000, batch_size=64, learning_rate=3e-4, warmup_steps=50,
                         arithmetic=0.95, max_tokens=512, eval_interval=250),
+        instruct=InstructRecipe(weights="gpt2-medium", data="smol-smoltalk", rows=100000, steps=3000, batch_size=32,
+                                learning_rate=3e-5, warmup_steps=100, max_tokens=1024, eval_interval=500, n_test=500),
         rlhf=_RLHF_FROM_STEP_1200,
         classify=ClassifyRecipe(n_train=20000, n_test=2000, steps=1000, batch_size=64, learning_rate=1e-4,
                                 head_learning_rate=1e-2, lora_learning_rate=1e-3, lora_rank=16, warmup_steps=50),

@@ -56,6 +56,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...], str | None]] = {
     "pretrain": ("minigpt.pretrain", ("tokenizer", "model", "optim", "pretrain"), None),
     "sft": ("minigpt.sft", ("tokenizer", "model", "optim", "sft"), "pretrain"),
     "chat": ("minigpt.chatbot", ("tokenizer", "model", "optim", "chat"), "pretrain"),
+    "instruct": ("minigpt.chatbot", ("optim", "instruct"), None),  # from GPT-2's weights on the Hub
 }
 
 # Not part of a stage's code: the settings (compared by value instead) and the entry points.
@@ -337,6 +338,10 @@ def _train(recipe: Recipe, stage: str, folder: Path, resume: bool, progress: boo
         from minigpt.chatbot import train_chat
 
         train_chat(recipe, folder, resume=resume, progress=progress)
+    elif stage == "instruct":
+        from minigpt.chatbot import train_instruct
+
+        train_instruct(recipe, folder, resume=resume, progress=progress)
     else:
         raise ValueError(f"unknown stage {stage!r}; find_or_make knows {', '.join(STAGES)}")
 

@@ -317,12 +317,13 @@ def task_data(recipe: Recipe, task: str, split: str, *, seed: int = 0) -> list[C
     return make_task(task, s.train_examples if split == "train" else s.n_test or 200, split=split, seed=seed)
 
 
-Stage = Literal["sft", "chat"]  # also the name of the recipe part that sets the run (recipe.sft, recipe.chat)
+#: Also the name of the recipe part that sets the run: recipe.sft, recipe.chat, recipe.instruct.
+Stage = Literal["sft", "chat", "instruct"]
 
 
 def sft_config(recipe: Recipe, *, lora: bool = False, stage: Stage = "sft", **overrides: Any) -> TrainConfig:
-    """The Trainer's settings for SFT (``recipe.sft``, ``recipe.lora`` with ``lora``, or ``recipe.chat``
-    for the chat model's ``stage``); ``overrides`` win."""
+    """The Trainer's settings for SFT (``recipe.sft``, ``recipe.lora`` with ``lora``, or the part of
+    the chat models' ``stage``, ``recipe.chat`` or ``recipe.instruct``); ``overrides`` win."""
     s = getattr(recipe, stage)
     base: dict[str, Any] = dict(
         max_steps=recipe.lora.steps if lora else s.steps, grad_accum=1, warmup_steps=s.warmup_steps,
@@ -381,15 +382,16 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     :meth:`~minigpt.train.Trainer.fit`: stop early at that step of the schedule (a later call
     continues onto the same curve), keep the checkpoints of those steps.
 
-    ``stage="chat"`` trains the chat model (:func:`minigpt.chatbot.train_chat` gives it its data):
-    the recipe's ``chat`` part sets the steps, batch and learning rate, batches group conversations
-    of similar length, ``run.json`` records the stage ``chat``, and no exact match is measured
-    (dialogue has no one right answer).
+    ``stage="chat"`` trains the chat model (:func:`minigpt.chatbot.train_chat` gives it its data),
+    ``stage="instruct"`` GPT-2 on an instruction set (:func:`minigpt.chatbot.train_instruct`): the
+    recipe part of that name sets the steps, batch and learning rate, batches group conversations
+    of similar length, ``run.json`` records the stage, and no exact match is measured (dialogue has
+    no one right answer).
     """
-    if stage not in ("sft", "chat"):
-        raise ValueError(f"stage={stage!r} must be 'sft' or 'chat'")
-    if stage == "chat" and lora:
-        raise ValueError("the chat model trains in full; LoRA is for the sft stage")
+    if stage not in ("sft", "chat", "instruct"):
+        raise ValueError(f"stage={stage!r} must be 'sft', 'chat' or 'instruct'")
+    if stage != "sft" and lora:
+        raise ValueError(f"the {stage} model trains in full; LoRA is for the sft stage")
     ddp, device = init_distributed(recipe.device)
     if batch_size is not None:
         recipe = override(recipe, {f"{stage}.batch_size": batch_size})
@@ -403,7 +405,7 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     block = model.config.block_size
     pad = 8 if device.startswith("cuda") else 1
     source = SFTSource(train, tok, batch_size, block, seed=cfg.seed, too_long=too_long,
-                       rank=ddp.rank, world_size=ddp.world_size, pad_multiple=pad, group_by_length=stage == "chat")
+                       rank=ddp.rank, world_size=ddp.world_size, pad_multiple=pad, group_by_length=stage != "sft")
     lora_kwargs = None
     if lora:
         lora_kwargs = {**lora_settings(recipe), **(lora if isinstance(lora, Mapping) else {})}
@@ -423,9 +425,11 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
         q = test[0]
         return f"{q.prompt[-1].content} -> {answers(m, tok, [q])[0]!r} (expected {q.answer!r})"
 
+    # GPT-2's weights bring their own shape and tokenizer: the recipe's tokenizer and model parts play no part.
+    shape = () if stage == "instruct" else ("tokenizer", "model")
     info = run_info(recipe, "lora" if lora_kwargs else stage, parent=parent,
-                    parts=("tokenizer", "model", "optim", stage, *(("lora",) if lora else ())),
-                    module="minigpt.chatbot" if stage == "chat" else "minigpt.sft", train=train_overrides,
+                    parts=(*shape, "optim", stage, *(("lora",) if lora else ())),
+                    module="minigpt.sft" if stage == "sft" else "minigpt.chatbot", train=train_overrides,
                     extra={"task": task if generated else "custom", "lora": lora_kwargs})
     with run_lock(out) if ddp.is_main else nullcontext():  # the folder is this run's until it ends
         if ddp.is_main:

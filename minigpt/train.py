@@ -1,7 +1,8 @@
 """The one training loop of the book: pretraining, SFT and the rest all run through :class:`Trainer`.
 
 It does what a GPT-2 scale run needs and nothing more: AdamW (fused), linear warmup
-then cosine decay, gradient accumulation, gradient clipping, bf16 autocast on CUDA, optional
+then cosine decay, gradient accumulation, gradient clipping, mixed precision (bf16 where the GPU
+has it, fp16 with a gradient scaler where it does not, see :func:`autocast_dtype`), optional
 ``torch.compile``, DDP under ``torchrun``, evaluation in nats and bits per byte, JSONL metrics,
 and checkpoints from which a killed run resumes onto the very same loss curve.
 """
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from minigpt.recipe import Recipe
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, H100 SXM
+
+#: ``TrainConfig.dtype``'s choices: "auto" picks by device (:func:`autocast_dtype`); the others force one.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 #: A batch's inputs: token ids, or a tuple of tensors the model reads before the targets (a
@@ -66,7 +70,7 @@ class TrainConfig:
     log_interval: int = 10
     checkpoint_interval: int = 500  # 0: only at the end
     sample_interval: int = 0  # 0: never
-    dtype: str = "float32"  # "bfloat16" autocasts on CUDA
+    dtype: str = "float32"  # one of DTYPES: the autocast dtype, "auto" to pick it by device
     compile: bool = False
     # The output head only where a target counts (a GPT's forward(logits=False)): SFT learns from a
     # few answer tokens per row, and the head (a V x C matmul, a softmax over V) at the others is
@@ -85,8 +89,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.grad_accum < 1:
             raise ValueError("max_steps and grad_accum must be at least 1")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
         if self.head_at_targets_only and self.compile:
             raise ValueError("head_at_targets_only selects positions by their targets (a data-dependent shape), "
                              "which torch.compile cannot trace as one graph; turn one of them off")
@@ -119,6 +123,23 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise DamagedMetrics(f"{path}, line {number}, is not a JSON record ({err}); delete that line, or the "
                                  "file (the run resumes without it, but its earlier metrics are lost)") from None
     return records
+
+
+def autocast_dtype(dtype: str, device: str) -> torch.dtype | None:
+    """The dtype that matmuls run in on ``device`` for the setting ``dtype``, None for float32.
+
+    "auto" takes bfloat16 where the GPU computes it natively (Ampere, compute capability 8.0,
+    and later: A100, H100, RTX 30xx+), float16 on older GPUs such as Colab's free T4 (7.5),
+    whose recent torch would emulate bfloat16 slowly or not compile it, and float32 on a CPU,
+    where half precision saves no time. Forcing "float16" or "bfloat16" autocasts on any device,
+    the CPU included, so each path can be tested without a GPU. Weights and optimizer state stay
+    float32 throughout: autocast only lowers the precision of the matmuls' inputs.
+    """
+    if dtype == "auto":
+        if not device.startswith("cuda"):
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -189,6 +210,11 @@ class Trainer:
         self.bytes_per_token, self.sample = bytes_per_token, sample
         self.raw_model = model.to(device)
         self.optimizer = make_optimizer(self.raw_model, cfg, self.device_type)
+        self.amp_dtype = autocast_dtype(cfg.dtype, device)
+        # float16 keeps 5 exponent bits: small gradients would flush to zero. The scaler multiplies
+        # the loss before backward and divides the gradients after; a step whose gradients overflow
+        # is skipped and the scale halved (so it finds the largest safe scale by itself).
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.amp_dtype == torch.float16)
         wrapped: torch.nn.Module = self.raw_model
         if cfg.compile:
             wrapped = torch.compile(wrapped)
@@ -204,9 +230,9 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
     def _autocast(self) -> Any:
-        if self.device_type == "cuda" and self.cfg.dtype == "bfloat16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
     def _next_batch(self, source: BatchSource,
                     non_blocking: bool = False) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -234,19 +260,23 @@ class Trainer:
             sync = nullcontext() if last or self.ddp.world_size == 1 else self.model.no_sync()
             with sync, self._autocast():
                 _, loss = self.model(*inputs, y, **self._loss_kwargs)
-            (loss / cfg.grad_accum).backward()
+            self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         # The norm is measured even with clipping off (an infinite bound): it shows a blow-up as it happens.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped where the scaled gradients overflowed
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         loss_mean = loss_sum / cfg.grad_accum
         if self.ddp.world_size > 1:
             dist.all_reduce(loss_mean, op=dist.ReduceOp.AVG)
         loss_value = loss_mean.item()  # waits for the GPU, so the timing below is honest
         norm_value = grad_norm.item()  # no second wait: the GPU is done
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):  # free: both are on the host anyway
+        # Free: both are on the host anyway. With the scaler, an overflowing gradient is its business
+        # (it skipped the step); a loss that is not finite is divergence either way.
+        if not math.isfinite(loss_value) or not (math.isfinite(norm_value) or self.scaler.is_enabled()):
             raise TrainingDiverged(self._diverged(loss_value, norm_value, lr))
         self.step += 1
         seconds = time.perf_counter() - start
@@ -347,7 +377,7 @@ class Trainer:
         if self.ddp.is_main:
             save_checkpoint(path or self.checkpoint_path, self.raw_model, self.optimizer, step=self.step,
                             train_config=dataclasses.asdict(self.cfg),
-                            train_data=self.train_data.state_dict())
+                            train_data=self.train_data.state_dict(), grad_scaler=self.scaler.state_dict())
         if self.ddp.world_size > 1:
             dist.barrier()
 
@@ -359,6 +389,8 @@ class Trainer:
         _, state = load_checkpoint(path, self.raw_model, self.optimizer, restore_rng=True)
         self.step = state["step"]
         self.train_data.load_state_dict(state["train_data"])
+        if state.get("grad_scaler"):  # empty when the scaler is off
+            self.scaler.load_state_dict(state["grad_scaler"])
         metrics = self.out_dir / "metrics.jsonl"  # drop lines a killed run wrote after the checkpoint
         if metrics.exists():
             self.history = [r for r in read_metrics(metrics) if r["step"] <= self.step]

@@ -90,6 +90,10 @@ def pytest_configure(config: pytest.Config) -> None:
     path.mkdir(parents=True, exist_ok=True)
     config.stash[_CACHE] = (path, not kept)
     os.environ["MINIGPT_CACHE"] = str(path)
+    # The Hugging Face libraries too: their cache in this folder, and never the Hub, so that a chapter's
+    # online cells (GPT-2's weights) say in one line what they would do, as on a machine offline.
+    os.environ["HF_HOME"] = str(path / "huggingface")
+    os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

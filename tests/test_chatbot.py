@@ -2,6 +2,8 @@
 rate, the ``ci`` chat run learning the dialogue, ``minigpt sft --chat`` and ``minigpt chat``, and
 the chat window."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -83,6 +85,28 @@ def test_minigpt_sft_chat_and_its_errors(tmp_path, capsys):
     assert read_run(out).stage == "chat"
     assert main(["sft", "--chat", "--profile", "ci", "--out", str(out), "--train.max_steps", "3"]) == 2
     assert "--chat.FIELD" in capsys.readouterr().err
+
+
+def test_minigpt_sft_lang_sets_the_chat_language(tmp_path, capsys, monkeypatch):
+    trained = []
+
+    def train_chat(recipe, out_dir, **kw):  # the command's settings, without the training
+        trained.append(recipe.chat.language)
+        return SimpleNamespace(trainer=SimpleNamespace(ddp=SimpleNamespace(is_main=True)))
+
+    monkeypatch.setattr(minigpt.chatbot, "train_chat", train_chat)
+    sft = ["sft", "--profile", "ci", "--out", str(tmp_path / "chat")]
+    assert main([*sft, "--lang", "zh"]) == 0  # --lang implies --chat
+    assert "chat.language = chinese" in capsys.readouterr().out
+    assert main([*sft, "--chat", "--lang", "EN"]) == 0
+    assert main([*sft, "--lang", "japanese", "--chat.language", "japanese"]) == 0  # any language of the corpus
+    assert trained == ["chinese", "english", "japanese"]
+    assert main([*sft, "--lang", "klingon"]) == 2  # refused before any training
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no language 'klingon'; choose one of" in err and "chinese" in err
+    assert main([*sft, "--lang", "zh", "--chat.language", "english"]) == 2
+    assert "--lang zh and --chat.language english disagree" in capsys.readouterr().err
+    assert trained == ["chinese", "english", "japanese"]
 
 
 def test_chat_widget_streams_the_reply_into_the_transcript(tok, monkeypatch):

@@ -43,6 +43,17 @@ def test_ci_pretraining_learns(straight_run, outcome):
     outcome.check("pretrain: val nats per byte at step 40", records[-1]["val_nats_per_byte"], "<", 3.0)  # spread 2.768 .. 2.771 (5 runs)
 
 
+@pytest.mark.outcome
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_ci_pretraining_learns_as_well_in_half_precision(dtype, tmp_path, outcome):
+    """What a T4 (float16, with the gradient scaler) and an A100/H100 (bfloat16) run, forced on the CPU."""
+    proc = _run(tmp_path, "--train.dtype", dtype)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    outcome.check(f"pretrain {dtype}: val loss at step 40", last["val_loss"], "<", 5.5)  # spread 5.396 .. 5.401 (6 runs each)
+
+
 def test_sigkilled_run_resumes_on_the_same_loss_curve(straight_run, tmp_path):
     straight, _ = straight_run
     proc = _run(tmp_path)

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from minigpt.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from minigpt.model import GPT, GPTConfig
 from minigpt.shards import ShardLoader, write_shard
-from minigpt.train import Distributed, TrainConfig, Trainer, kept_checkpoint_path, lr_at
+from minigpt.train import Distributed, TrainConfig, Trainer, autocast_dtype, kept_checkpoint_path, lr_at
 
 CONFIG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -66,9 +66,11 @@ def test_training_learns_and_logs(tmp_path):
     assert (tmp_path / "run" / "checkpoint.safetensors").exists()
 
 
-def test_resume_continues_the_same_loss_curve_bitwise(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16: the gradient scaler's state resumes too
+def test_resume_continues_the_same_loss_curve_bitwise(tmp_path, dtype):
     shard = _shard(tmp_path)
-    cfg = TrainConfig(max_steps=12, warmup_steps=2, log_interval=1, eval_interval=0, checkpoint_interval=6)
+    cfg = TrainConfig(max_steps=12, warmup_steps=2, log_interval=1, eval_interval=0, checkpoint_interval=6,
+                      dtype=dtype)
     config = GPTConfig(**{**CONFIG.__dict__, "dropout": 0.1})  # RNG state matters with dropout
 
     def trainer(out):
@@ -92,6 +94,35 @@ def test_resume_continues_the_same_loss_curve_bitwise(tmp_path):
     assert resumed.resume() and resumed.step == 6
     resumed.fit(progress=False)
     assert [r["loss"] for r in resumed.history] == straight
+    if dtype == "float16":  # a scale the run had found is kept, not reset to the initial 65536
+        resumed.scaler.update(1024.0)
+        resumed.save()
+        again = trainer(tmp_path / "b")
+        assert again.resume() and again.scaler.get_scale() == 1024.0
+
+
+def test_autocast_dtype_follows_the_device(monkeypatch):
+    assert autocast_dtype("auto", "cpu") is None  # float32: half precision saves a CPU nothing
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_dtype("auto", "cuda:0") is torch.bfloat16  # Ampere and later
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast_dtype("auto", "cuda") is torch.float16  # a T4: bfloat16 only emulated
+    assert autocast_dtype("float16", "cpu") is torch.float16 and autocast_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert autocast_dtype("float32", "cuda") is None
+    with pytest.raises(ValueError, match="dtype='half' must be one of auto, float32, bfloat16, float16"):
+        TrainConfig(dtype="half")
+
+
+def test_float16_skips_a_step_whose_gradients_overflow_and_lowers_the_scale(tmp_path):
+    cfg = TrainConfig(max_steps=3, warmup_steps=0, eval_interval=0, dtype="float16")
+    trainer = Trainer(_model(), cfg, ShardLoader([_shard(tmp_path)], 4, 16))
+    assert trainer.amp_dtype is torch.float16 and trainer.scaler.is_enabled()
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 126)  # float16 gradients overflow at once
+    before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+    record = trainer.train_step()  # no TrainingDiverged: the loss is finite, only the scaled gradients are not
+    assert math.isfinite(record["loss"]) and not math.isfinite(record["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.raw_model.parameters()))  # the step was skipped
+    assert trainer.scaler.get_scale() == 2.0 ** 125
 
 
 def test_a_run_stopped_early_continues_bitwise_and_keeps_the_snapshot_asked_for(tmp_path):
