@@ -156,9 +156,9 @@ def train_chat(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool = Tru
 
 def instruct_data(recipe: Recipe, tokenizer: BPETokenizer) -> tuple[list[Conversation], list[Conversation]]:
     """``recipe.instruct.rows`` rows of its instruction set (from the Hub, or from the local file
-    ``instruct.data_files`` in that set's schema), those that fit ``instruct.max_tokens``, split by their first question
-    (:func:`~minigpt.tasks.split_of`), so a question asked twice never sits on both sides; at most
-    ``instruct.n_test`` held out."""
+    ``instruct.data_files`` in that set's schema), those that fit ``instruct.max_tokens``, split by
+    their first question (:func:`~minigpt.tasks.data.split_of`), so a question asked twice never sits on
+    both sides; at most ``instruct.n_test`` held out."""
     i = recipe.instruct
     rows = fits(load_chat_data(i.data, limit=i.rows, data_files=i.data_files or None), tokenizer, i.max_tokens)
     side = [split_of(next(m.content for m in c.messages if m.role == "user")) for c in rows]
@@ -170,11 +170,11 @@ def train_instruct(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool =
     """Instruction-tune OpenAI's GPT-2 (``recipe.instruct.weights``, through
     :meth:`~minigpt.model.GPT.from_pretrained`) on ``recipe.instruct.data`` into ``out_dir``.
 
-    Needs the Hub (or local copies: a folder in Hugging Face's layout for ``instruct.weights``, a
-    JSON/JSONL file for ``instruct.data_files``);
-    offline it raises :class:`~minigpt.errors.NetworkError` within seconds. ``run.json`` records the
-    held-out reply loss of GPT-2 prompted in plain text (``base_reply_loss``) and of the tuned
-    model, and the share of sampled replies that end their turn.
+    Needs the Hub, or local copies: a folder in Hugging Face's layout for ``instruct.weights``, a
+    JSON/JSONL file for ``instruct.data_files``. Offline it raises
+    :class:`~minigpt.errors.NetworkError` within seconds. ``run.json`` records the held-out reply
+    loss of GPT-2 prompted in plain text (``base_reply_loss``) and of the tuned model, and the share
+    of sampled replies that end their turn.
     """
     i = recipe.instruct
     base = GPT.from_pretrained(i.weights)

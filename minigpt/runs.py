@@ -135,7 +135,7 @@ def _code_of(path: Path) -> bytes:
 class RunInfo:
     """What ``run.json`` says of a run."""
 
-    stage: str  # "pretrain", "sft", "lora", "chat", "reward", "ppo", "dpo" or "grpo"
+    stage: str  # "pretrain", "sft", "lora", "chat", "instruct", "reward", "ppo", "dpo" or "grpo"
     profile: str  # the recipe's name
     settings: dict[str, Any]  # the recipe part the stage used, by dotted path
     parent: str | None  # the key of the run it started from

@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
+import minigpt
 from minigpt.chat import CHAT_TOKENS, ChatSession, with_chat_tokens
-from minigpt.chatbot import instruct_data
+from minigpt.chatbot import instruct_data, train_instruct
 from minigpt.model import GPT
 from minigpt.recipe import override
 from minigpt.runs import find_or_make, load_run, read_run
@@ -92,3 +93,18 @@ def test_the_gpu_chapter_path_runs_end_to_end_on_the_standins(ci, gpt2_folder, a
     reply = "".join(ChatSession(model, tok, max_new_tokens=8, seed=0).reply("Write bakedo in capitals."))
     assert isinstance(reply, str)
     assert find_or_make(recipe, "instruct") == folder  # finished: found, not trained again
+
+
+def test_the_gpu_recipe_trains_the_standin_in_float16_with_the_scaler(gpt2_folder, alpaca_rows, tmp_path):
+    """The gpu profile's own recipe (what Colab picks), with only what a CPU needs changed: the device,
+    no torch.compile, tiny sizes, and float16 forced, which is what "auto" picks on a T4."""
+    recipe = override(minigpt.recipe("gpu"), {
+        "device": "cpu", "compile": False, "dtype": "float16", "instruct.weights": str(gpt2_folder),
+        "instruct.data_files": str(alpaca_rows), "instruct.rows": 1000, "instruct.steps": 6,
+        "instruct.batch_size": 8, "instruct.max_tokens": 96, "instruct.eval_interval": 3, "instruct.n_test": 8})
+    with pytest.warns(UserWarning, match="skipped 1 of 201"):
+        run = train_instruct(recipe, tmp_path / "run", progress=False)
+    assert run.trainer.amp_dtype is torch.float16 and run.trainer.scaler.is_enabled()
+    info = read_run(tmp_path / "run")
+    assert info.finished and info.profile == "gpu"
+    assert info.extra["reply_loss"] < info.extra["base_reply_loss"]
