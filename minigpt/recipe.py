@@ -371,7 +371,8 @@ RECIPES: dict[str, Recipe] = {
                         train_also=("ln_1", "ln_2", "ln_f", "wpe")),
         chat=ChatRecipe(language="english", steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=50,
                         arithmetic=0.95, max_tokens=256, eval_interval=250),
-        instruct=InstructRecipe(weights="gpt2", data="alpaca", rows=20000, steps=1000, batch_size=32,
+        # Batches of 16: 32 conversations of up to 512 tokens, with logits over 50,261 ids, risk a T4's 16 GB.
+        instruct=InstructRecipe(weights="gpt2", data="alpaca", rows=20000, steps=2000, batch_size=16,
                                 learning_rate=5e-5, warmup_steps=50, max_tokens=512, eval_interval=250, n_test=200),
         rlhf=_RLHF_FROM_STEP_1200,
         classify=ClassifyRecipe(n_train=20000, n_test=2000, steps=1000, batch_size=64, learning_rate=3e-4,
