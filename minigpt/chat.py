@@ -251,6 +251,11 @@ class ChatSession:
         self.messages = [Message("system", self.system)] if self.system else []
         self.dropped_turns = 0
 
+    def forgetting_note(self) -> str:
+        """What to tell the user once :attr:`dropped_turns` has grown: the one wording of the terminal
+        chat and the chat window."""
+        return f"the chat outgrew the model's context: its {self.dropped_turns} oldest exchange(s) are forgotten"
+
     def _prompt(self) -> list[int]:
         """The history as ids, oldest exchanges dropped until the answer has room."""
         room = self.model.config.block_size - self.max_new_tokens

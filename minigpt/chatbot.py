@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -144,13 +145,11 @@ def train_chat(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool = Tru
     test = chat_data(recipe, tokenizer, "test")
     run = sft(recipe, base, out_dir, stage="chat", train=chat_data(recipe, tokenizer, "train"), test=test,
               resume=resume, progress=progress)
-    if run.trainer.ddp.is_main and run.trainer.step >= run.trainer.cfg.max_steps:
-        model, tok = run.model, run.tokenizer
-        measured = {"reply_loss": reply_loss(model, tok, test),
-                    "end_rate": end_rate(model, tok, test, max_new_tokens=recipe.chat.reply_tokens, seed=recipe.seed),
-                    "exact_match": exact_match(model, tok, task_data(recipe, "arithmetic", "test", seed=recipe.seed))}
-        finish_run(Path(out_dir), read_run(out_dir), **measured)
-        print("chat model: " + ", ".join(f"{k} {v:.3f}" for k, v in measured.items()))
+    model, tok = run.model, run.tokenizer
+    _record(run, out_dir, "chat model", lambda: {
+        "reply_loss": reply_loss(model, tok, test),
+        "end_rate": end_rate(model, tok, test, max_new_tokens=recipe.chat.reply_tokens, seed=recipe.seed),
+        "exact_match": exact_match(model, tok, task_data(recipe, "arithmetic", "test", seed=recipe.seed))})
     return run
 
 
@@ -182,11 +181,18 @@ def train_instruct(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool =
     train, test = instruct_data(recipe, tokenizer)
     run = sft(recipe, base, out_dir, tokenizer=tokenizer, stage="instruct", train=train, test=test,
               resume=resume, progress=progress)
-    if run.trainer.ddp.is_main and run.trainer.step >= run.trainer.cfg.max_steps:
-        model, tok = run.model, run.tokenizer
-        measured = {"base_reply_loss": reply_loss(base.to(run.trainer.device), tok, test, plain=True),
-                    "reply_loss": reply_loss(model, tok, test),
-                    "end_rate": end_rate(model, tok, test, max_new_tokens=64, seed=recipe.seed)}
-        finish_run(Path(out_dir), read_run(out_dir), **measured)
-        print("instruction-tuned GPT-2: " + ", ".join(f"{k} {v:.3f}" for k, v in measured.items()))
+    model, tok = run.model, run.tokenizer
+    _record(run, out_dir, "instruction-tuned GPT-2", lambda: {
+        "base_reply_loss": reply_loss(base.to(run.trainer.device), tok, test, plain=True),
+        "reply_loss": reply_loss(model, tok, test),
+        "end_rate": end_rate(model, tok, test, max_new_tokens=64, seed=recipe.seed)})
     return run
+
+
+def _record(run: SFTRun, out_dir: str | os.PathLike, name: str, measure: Callable[[], dict[str, float]]) -> None:
+    """Measure a finished run once, on the main process (every rank holds the same weights), into
+    its ``run.json``, and print the figures. A run stopped early is not measured."""
+    if run.trainer.ddp.is_main and run.trainer.step >= run.trainer.cfg.max_steps:
+        measured = measure()
+        finish_run(Path(out_dir), read_run(out_dir), **measured)
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in measured.items()))

@@ -252,7 +252,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
             print(f"({err})", end="")
         print()
         if chat.dropped_turns > dropped:
-            print(f"(the chat outgrew the model's context: its {chat.dropped_turns} oldest exchange(s) are forgotten)")
+            print(f"({chat.forgetting_note()})")
 
 
 _PROFILE_HELP = "ci, cpu, gpu or full (default: $MINIGPT_PROFILE, else ci under CI, gpu with CUDA, cpu)"

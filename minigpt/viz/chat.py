@@ -59,9 +59,7 @@ class ChatWidget(StaticHTMLWidget):
         finally:
             self.busy = False
         if self.session.dropped_turns > before:
-            self.transcript = [*self.transcript, {"role": "note", "content": (
-                f"the chat outgrew the model's context: its {self.session.dropped_turns} oldest exchange(s) "
-                "are forgotten")}]
+            self.transcript = [*self.transcript, {"role": "note", "content": self.session.forgetting_note()}]
         return reply
 
     def reset(self) -> None:
