@@ -1,0 +1,42 @@
+"""bench/gpu_check.py's CPU mode: every part of the GPU check runs (the real Trainer on synthetic
+shards, SDPA's kernel, evaluation, checkpoint, sampling, 2-process DDP over gloo), so a lent GPU's
+few minutes are not lost to a script that fails. Eager only: compiling on a CPU takes a minute."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+assert _spec and _spec.loader
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_mode_runs_every_part(tmp_path: Path) -> None:
+    report = gpu_check.main(["--cpu", "--no-compile", "--steps", "2", "--eval-steps", "2",
+                             "--out", str(tmp_path / "check.json")])
+    assert (tmp_path / "check.json").is_file()
+    assert report["flash"], f"SDPA took no flash kernel on the CPU: {report['attention_kernels']}"
+    eager = report["eager"]
+    assert math.isfinite(eager["final_loss"]) and eager["tokens_per_s"] > 0
+    assert eager["mfu"] is None  # no peak is known for a CPU, and none is made up
+    assert report["eval_s"] > 0 and report["checkpoint_mb"] > 0 and report["sample_100_tokens_s"] > 0
+    ddp = report["ddp"]
+    assert isinstance(ddp, dict), ddp  # otherwise the reason it failed
+    assert ddp["processes"] == 2 and math.isfinite(ddp["final_loss"])
+
+
+def test_peak_flops_by_device_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The specific H100 variants before the generic name; an unknown GPU has no MFU."""
+    for name, tflops in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-40GB", 312.0),
+                         ("Tesla T4", 65.0), ("NVIDIA GeForce RTX 3050", None)]:
+        monkeypatch.setattr(gpu_check.torch.cuda, "get_device_name", lambda device, name=name: name)
+        peak, got = gpu_check.peak_flops("cuda")
+        assert got == name and peak == (tflops * 1e12 if tflops else None)
+    assert gpu_check.peak_flops("cpu") == (None, "cpu")
