@@ -11,7 +11,7 @@ With two or more GPUs (or ``--cpu``: two gloo processes) it also runs 2-process 
 ``torchrun``. On one H100 it finishes in a few minutes; give it 8.
 
 MFU (model FLOPs utilisation) = achieved training FLOP/s / the device's dense peak in the autocast
-dtype. Two FLOP counts, because published figures use both:
+dtype (:func:`minigpt.train.peak_flops`; none for a CPU or a GPU it does not know). Two FLOP counts, because published figures use both:
 
 * ``mfu``: :meth:`minigpt.model.GPT.flops_per_token`, 6N + 12LHQT with N the parameters less the
   position embedding (nanoGPT and PaLM's appendix B);
@@ -39,29 +39,13 @@ import torch
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
 from minigpt.shards import ShardLoader, write_shard
-from minigpt.train import Distributed, TrainConfig, Trainer, autocast_dtype, init_distributed
-
-# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from the vendors' datasheets; the
-# first name that occurs in torch.cuda.get_device_name() wins, so the specific ones come first.
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
-               "L4": 121.0, "T4": 65.0, "V100": 125.0}
+from minigpt.train import Distributed, TrainConfig, Trainer, autocast_dtype, init_distributed, peak_flops
 
 # The GPU check: GPT-2 124M with the `full` recipe's vocabulary and micro-batch. The CPU mode: a
 # model small enough that every part runs in seconds on 2 cores.
 GPU = dict(model=GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304), batch=64, steps=20)
 CPU = dict(model=GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=512), batch=4, steps=4)
 WARMUP = 3  # steps left out of the median: the first compiles, autotunes and fills allocators
-
-
-def peak_flops(device: str) -> tuple[float | None, str]:
-    """The device's dense half-precision peak in FLOP/s and its name, or None where unknown."""
-    if not device.startswith("cuda"):
-        return None, "cpu"
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12, name
-    return None, name
 
 
 def flops_llmc(model: GPT) -> int:
@@ -119,11 +103,9 @@ def check_one(args: argparse.Namespace, device: str, folder: Path) -> dict[str, 
     """Eager and compiled training, then evaluation, checkpoint and sampling, on one device."""
     size = CPU if args.cpu else GPU
     gcfg, batch, steps = size["model"], size["batch"], args.steps or size["steps"]
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # what float32 leftovers (the loss, AdamW) run in
-        torch.backends.cudnn.allow_tf32 = True
     shard = synthetic_shard(folder, gcfg, batch * gcfg.block_size * 8 + 1)
-    peak, name = peak_flops(device)
+    peak = peak_flops(device)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     report: dict[str, Any] = {"device": name, "torch": torch.__version__, "model": dataclasses.asdict(gcfg) | {"batch": batch},
                               "peak_tflops": peak / 1e12 if peak else None}
     torch.manual_seed(0)

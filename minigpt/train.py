@@ -32,7 +32,10 @@ from minigpt.model import GPT
 if TYPE_CHECKING:
     from minigpt.recipe import Recipe
 
-H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, H100 SXM
+#: Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from the vendors' datasheets, by a
+#: name that occurs in ``torch.cuda.get_device_name()``; the specific variants come first.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
+               "L4": 121.0, "T4": 65.0, "V100": 125.0}
 
 #: ``TrainConfig.dtype``'s choices: "auto" picks by device (:func:`autocast_dtype`); the others force one.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -77,7 +80,7 @@ class TrainConfig:
     # wasted (about 8% of a cpu SFT step, measured). Data-dependent shapes: not under compile.
     head_at_targets_only: bool = False
     seed: int = 1337
-    peak_flops: float = H100_BF16_PEAK_FLOPS  # for MFU on GPU
+    peak_flops: float | None = None  # FLOP/s for MFU; None: the device's own (:func:`peak_flops`)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **fields: Any) -> TrainConfig:
@@ -140,6 +143,16 @@ def autocast_dtype(dtype: str, device: str) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def peak_flops(device: str) -> float | None:
+    """``device``'s dense half-precision peak in FLOP/s (:data:`PEAK_TFLOPS`), None for a CPU or
+    a GPU not in the table: MFU against another device's peak would mislead (an A100 measured
+    against an H100's peak reads 3.2 times too low)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -209,8 +222,12 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.bytes_per_token, self.sample = bytes_per_token, sample
         self.raw_model = model.to(device)
+        if self.device_type == "cuda":  # float32 matmuls (the loss, a float32 run) on TF32 tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.optimizer = make_optimizer(self.raw_model, cfg, self.device_type)
         self.amp_dtype = autocast_dtype(cfg.dtype, device)
+        # MFU compares with a half-precision peak, so only where the matmuls run in half precision.
+        self.peak_flops = (cfg.peak_flops or peak_flops(device)) if self.amp_dtype is not None else None
         # float16 keeps 5 exponent bits: small gradients would flush to zero. The scaler multiplies
         # the loss before backward and divides the gradients after; a step whose gradients overflow
         # is skipped and the scale halved (so it finds the largest safe scale by itself).
@@ -284,9 +301,9 @@ class Trainer:
         tokens_per_s = tokens * self.ddp.world_size / seconds
         record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
                   "tokens_per_s": tokens_per_s, "train_seconds": self.train_seconds}
-        if self.device_type == "cuda":
+        if self.peak_flops:
             flops = self.raw_model.flops_per_token() * tokens_per_s / self.ddp.world_size
-            record["mfu"] = flops / cfg.peak_flops
+            record["mfu"] = flops / self.peak_flops
         return record
 
     def _diverged(self, loss: float, grad_norm: float, lr: float) -> str:

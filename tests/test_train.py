@@ -11,7 +11,15 @@ import torch.multiprocessing as mp
 from minigpt.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from minigpt.model import GPT, GPTConfig
 from minigpt.shards import ShardLoader, write_shard
-from minigpt.train import Distributed, TrainConfig, Trainer, autocast_dtype, kept_checkpoint_path, lr_at
+from minigpt.train import (
+    Distributed,
+    TrainConfig,
+    Trainer,
+    autocast_dtype,
+    kept_checkpoint_path,
+    lr_at,
+    peak_flops,
+)
 
 CONFIG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -111,6 +119,23 @@ def test_autocast_dtype_follows_the_device(monkeypatch):
     assert autocast_dtype("float32", "cuda") is None
     with pytest.raises(ValueError, match="dtype='half' must be one of auto, float32, bfloat16, float16"):
         TrainConfig(dtype="half")
+
+
+def test_mfu_is_against_the_peak_of_the_device_in_use(monkeypatch, tmp_path):
+    """The specific H100 variants before the generic name; a CPU or an unknown GPU gets no MFU
+    (none is made up), and neither does a float32 run (the peaks are half precision's)."""
+    for name, tflops in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-40GB", 312.0),
+                         ("Tesla T4", 65.0), ("NVIDIA GeForce RTX 3050", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert peak_flops("cuda:0") == (tflops * 1e12 if tflops else None), name
+    assert peak_flops("cpu") is None
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=32))
+    data = np.arange(200) % 32
+    write_shard(tmp_path / "s.bin", data)
+    loader = ShardLoader([tmp_path / "s.bin"], 2, 8)
+    assert "mfu" not in Trainer(model, TrainConfig(max_steps=1), loader).train_step()
+    forced = Trainer(model, TrainConfig(max_steps=1, dtype="bfloat16", peak_flops=1e12), loader).train_step()
+    assert forced["mfu"] == pytest.approx(model.flops_per_token() * forced["tokens_per_s"] / 1e12)
 
 
 def test_float16_skips_a_step_whose_gradients_overflow_and_lowers_the_scale(tmp_path):
