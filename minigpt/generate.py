@@ -237,6 +237,75 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature:
     return torch.cat([idx, torch.stack(tokens, dim=1)], dim=1) if tokens else idx
 
 
+def beam_search(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int = 4,
+                length_penalty: float = 1.0, stop_tokens: Iterable[int] | None = None,
+                use_cache: bool = True) -> tuple[torch.Tensor, float]:
+    """The most likely continuation of one prompt ``idx`` (1, T) that a beam search finds, as
+    (1, T + n) ids, and its score: its tokens' summed log-probability / n ** ``length_penalty``.
+
+    Each step extends each of the ``num_beams`` running sequences by every token, and keeps the
+    best ``num_beams`` by summed log-probability. A candidate that emits a stop token (or reaches
+    ``max_new_tokens``) is finished, scored with the length penalty (above 1 favours longer
+    answers; 0 compares plain sums), and kept among the best ``num_beams`` finished; the search
+    ends when no running beam could beat the worst of them. The rules, including which candidates
+    may finish, are those of Hugging Face ``transformers``' ``generate(num_beams=...)`` with its
+    default ``early_stopping=False``, so both return the same tokens. ``num_beams=1`` is greedy.
+    """
+    if idx.dim() != 2 or idx.size(0) != 1:
+        raise ValueError(f"beam_search continues one prompt of shape (1, T), got {tuple(idx.shape)}; "
+                         "call it once per prompt")
+    if num_beams < 1 or max_new_tokens < 1:
+        raise ValueError(f"num_beams={num_beams} and max_new_tokens={max_new_tokens} must be at least 1")
+    T, block_size = idx.size(1), model.config.block_size
+    if T + max_new_tokens > block_size:
+        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size={block_size}; "
+                         f"lower max_new_tokens to {block_size - T}")
+    stops = sorted(set(stop_tokens or ()))
+    # Candidates kept per step: enough that num_beams remain running even if the best all stop.
+    keep = max(2, 1 + len(stops)) * num_beams
+    device = model.transformer.wte.weight.device
+    with evaluating(model), torch.inference_mode():
+        seqs = idx.to(device).repeat(num_beams, 1)
+        # The beams start as copies of one prompt: only the first may spread, or every step would
+        # keep num_beams copies of the same continuation.
+        scores = torch.full((num_beams,), -1e9, device=device)
+        scores[0] = 0.0
+        stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
+        cache = model.new_kv_cache(num_beams, T + max_new_tokens, dtype=_cache_dtype(model)) if use_cache else None
+        new = seqs
+        finished: list[tuple[float, torch.Tensor]] = []  # (score, sequence), best first
+        improvable = True  # can a running beam still beat the worst finished one?
+        for step in range(max_new_tokens):
+            logits, _ = model(new, kv_cache=cache, last_only=True) if cache else model(seqs, last_only=True)
+            if step == 0 and bool(logits.isnan().any()):
+                raise NaNLogitsError(_NAN_LOGITS)
+            logprobs = F.log_softmax(logits[:, -1, :].float(), dim=-1) + scores[:, None]
+            vocab = logprobs.size(-1)
+            top, flat = logprobs.view(-1).topk(keep)
+            beam, token = flat // vocab, flat % vocab
+            candidates = torch.cat([seqs[beam], token[:, None]], dim=1)
+            ends = torch.isin(token, stop_ids) | (step == max_new_tokens - 1)
+            # Only the best num_beams candidates may finish (the rest are spares for the running set).
+            if improvable:
+                for i in range(num_beams):
+                    if ends[i]:
+                        finished.append((float(top[i]) / (step + 1) ** length_penalty, candidates[i]))
+                finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
+            running = (~ends).nonzero().squeeze(1)[:num_beams]
+            if len(running) < num_beams:  # every candidate ended (the last step)
+                break
+            seqs, scores = candidates[running], top[running]
+            if cache is not None:
+                cache.reorder(beam[running])
+            new = seqs[:, -1:]
+            best_running = float(scores[0]) / (step + 1) ** length_penalty
+            improvable = improvable and (len(finished) < num_beams or best_running > finished[-1][0])
+            if not improvable:
+                break
+        score, best = finished[0]
+    return best[None, :], score
+
+
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...

@@ -183,6 +183,11 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep row ``rows[i]`` of the batch as row i (beam search: each beam continues one of the
+        previous step's beams, possibly the same one twice)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
 
 def causal_mask(t_query: int, t_key: int, device: torch.device | None = None) -> torch.Tensor:
     """Boolean (t_query, t_key) mask, True where attention is allowed.

@@ -8,6 +8,7 @@ import torch
 from minigpt.generate import (
     apply_repetition_penalty,
     apply_temperature,
+    beam_search,
     filter_logits,
     generate,
     generate_text,
@@ -204,3 +205,69 @@ def test_generate_text(model: GPT) -> None:
     stop = ids[3]
     short = generate_text(model, Digits(), "HELLO", 10, temperature=0, stop_tokens=[stop])
     assert short == Digits().decode(ids[: ids.index(stop)])
+
+
+# -- beam search ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_pair() -> tuple[object, GPT]:
+    """A random GPT-2 in transformers and the same weights in ours, sharpened so that the beams'
+    scores are far from ties."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=40, n_layer=2, n_head=2, n_embd=32,
+                                     bos_token_id=None, eos_token_id=None)).eval()
+    with torch.no_grad():
+        hf.transformer.wte.weight.mul_(8)
+    ours = GPT.from_hf_state_dict(hf.state_dict(), GPTConfig.from_hf_config(hf.config)).eval()
+    return hf, ours
+
+
+@pytest.mark.parametrize("num_beams", [1, 2, 3, 4])
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
+def test_beam_search_returns_the_tokens_of_transformers(hf_pair, num_beams: int, length_penalty: float) -> None:
+    """Token for token what transformers' generate(num_beams=...) returns on the same weights,
+    with and without a stop token (one the model emits early, so beams finish at different steps)."""
+    hf, ours = hf_pair
+    for seed in range(3):
+        idx = torch.randint(60, (1, 6), generator=torch.Generator().manual_seed(seed))
+        greedy = generate(ours, idx, 12, temperature=0)[0, 6:].tolist()
+        for stop in (None, greedy[2]):
+            kwargs = dict(eos_token_id=stop, pad_token_id=stop) if stop is not None else dict(pad_token_id=0)
+            with torch.no_grad():
+                expected = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12,
+                                       num_beams=num_beams, do_sample=False, length_penalty=length_penalty,
+                                       early_stopping=False, **kwargs)
+            for use_cache in (True, False):
+                got, score = beam_search(ours, idx, 12, num_beams=num_beams, length_penalty=length_penalty,
+                                         stop_tokens=[stop] if stop is not None else None, use_cache=use_cache)
+                assert got.tolist() == expected.tolist(), (seed, stop, use_cache)
+                # The score is the sum of the chosen tokens' log-probabilities / length ** penalty.
+                with torch.no_grad():
+                    logprobs = ours(got.clone())[0].log_softmax(-1)[0, 5:-1].gather(-1, got[0, 6:, None]).sum()
+                n = got.size(1) - 6
+                assert score == pytest.approx(float(logprobs) / n ** length_penalty, abs=1e-4)
+
+
+def test_beam_search_finds_likelier_sequences_than_greedy() -> None:
+    """Greedy commits to the best next token; a wider beam may give it up for a better whole (on
+    a model not sharpened, where the best next token is often not the start of the best whole).
+    Not on every prompt: the beam can prune the greedy path and end below it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=48, n_layer=2, n_head=2, n_embd=32)).eval()
+    gains = []
+    for seed in range(8):
+        idx = prompt(seed=seed)
+        gains.append(beam_search(model, idx, 10, num_beams=4, length_penalty=0.0)[1]
+                     - beam_search(model, idx, 10, num_beams=1, length_penalty=0.0)[1])
+    assert sum(g > 1e-5 for g in gains) >= 4 and sum(gains) > 0, gains
+
+
+def test_beam_search_refuses_what_it_cannot_do(model: GPT) -> None:
+    with pytest.raises(ValueError, match="one prompt of shape"):
+        beam_search(model, prompt(batch=2), 5)
+    with pytest.raises(ValueError, match="exceeds block_size=48; lower max_new_tokens to 43"):
+        beam_search(model, prompt(), 44)
+    with pytest.raises(ValueError, match="num_beams=0"):
+        beam_search(model, prompt(), 5, num_beams=0)
