@@ -45,6 +45,7 @@ def _load(name: str) -> types.ModuleType:
 
 colab = _load("colab")
 stale = _load("stale")
+quoted = _load("quoted")
 
 
 def test_a_chapter_runs_again_when_the_package_code_it_runs_changes(tmp_path, monkeypatch, capsys) -> None:
@@ -111,6 +112,58 @@ def toc_docnames() -> list[str]:
 
 
 CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+# -- What every chapter teaches with ---------------------------------------------------------------
+
+def _cells(path: Path) -> list[dict[str, Any]]:
+    return [{**cell, "text": "".join(cell["source"])} for cell in json.loads(path.read_text())["cells"]]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_ends_with_a_summary_and_exercises_solved_in_hidden_cells(path: Path) -> None:
+    """A summary, then 3 to 5 exercises, each with its solution in a code cell that the book
+    hides behind a toggle (tag hide-cell) and that CI executes with the chapter."""
+    cells = _cells(path)
+    headings = [(i, line.strip()) for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+                for line in c["text"].splitlines() if line.startswith("## ")]
+    titles = [title for _, title in headings]
+    assert "## Summary" in titles and "## Exercises" in titles, f"{path.name}: headings {titles}"
+    assert titles.index("## Summary") < titles.index("## Exercises") == len(titles) - 1, \
+        f"{path.name}: the exercises come last, after the summary"
+    start = headings[-1][0]
+    asked = re.findall(r"^(\d+)\. ", cells[start]["text"], re.M)
+    assert 3 <= len(asked) <= 5 and asked == [str(n) for n in range(1, len(asked) + 1)], \
+        f"{path.name}: 3 to 5 numbered exercises, found {asked}"
+    solutions = [c for c in cells[start:] if c["cell_type"] == "code"]
+    for n, cell in enumerate(solutions, 1):
+        assert cell["text"].startswith(f"# Solution to exercise {n}"), f"{path.name}: solution {n} starts with its name"
+        assert "hide-cell" in cell["metadata"].get("tags", []), f"{path.name}: solution {n} is hidden (tag hide-cell)"
+        assert "assert" in cell["text"], f"{path.name}: solution {n} checks its answer with an assert"
+    assert len(solutions) == len(asked), f"{path.name}: {len(asked)} exercises, {len(solutions)} solutions"
+
+
+IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def test_figures_have_alt_text_and_every_drawing_is_used() -> None:
+    """Each figure of the prose names what it shows (alt text, for screen readers and for the
+    reader whose image did not load) and lies in the repository; no drawing lies unused."""
+    used = set()
+    pages = [*CHAPTERS, *(ROOT / "book").glob("*.md")]
+    for page in pages:
+        text = page.read_text() if page.suffix == ".md" else "\n".join(
+            c["text"] for c in _cells(page) if c["cell_type"] == "markdown")
+        for alt, target in IMAGE.findall(text):
+            assert len(alt.split()) >= 5, f"{page.name}: the figure {target} needs alt text that says what it shows"
+            assert (page.parent / target).is_file(), f"{page.name}: {target} is not in the repository"
+            used.add((page.parent / target).resolve())
+    drawings = set((ROOT / "book" / "figures").glob("*.svg"))
+    assert drawings, "book/figures holds the book's drawings"
+    assert not drawings - used, f"drawings no page shows: {sorted(p.name for p in drawings - used)}"
+    for drawing in drawings:  # an <img> SVG runs no script, but a stray link or font would load nothing offline
+        svg = re.sub(r'xmlns(:\w+)?="[^"]*"', "", drawing.read_text())
+        assert "<script" not in svg and "http" not in svg and "viewBox" in svg, f"{drawing.name}: self-contained, with a viewBox"
 
 
 # -- Colab -------------------------------------------------------------------------------------
@@ -290,19 +343,6 @@ WAIT_FOR_PAGE = """async () => {
 }"""
 
 
-NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+")
-
-
-def _printed(notebook: dict[str, Any]) -> str:
-    """Everything a notebook's code cells printed (streams and plain-text results)."""
-    texts = []
-    for cell in notebook["cells"]:
-        for out in cell.get("outputs", []):
-            texts.append("".join(out.get("text", "")))
-            texts.append("".join(out.get("data", {}).get("text/plain", "")))
-    return "\n".join(texts)
-
-
 def _executed(book: Path, source: Path) -> dict[str, Any]:
     """``source`` with the outputs of its execution in this build, or with none if it has none.
 
@@ -323,30 +363,21 @@ def _executed(book: Path, source: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_bold_figures_are_what_the_chapter_printed(book: Path) -> None:
-    """A chapter's headline figures are in bold, and they must be its own output: every bold
-    decimal number is within rounding of a number the executed chapter printed. The prose quotes
-    the `cpu` build (`make book`), so a chapter executed at another profile is skipped; check
-    the cpu book with MINIGPT_BOOK_HTML=_build/html. Figures measured elsewhere (a benchmark, a
-    CLI sweep) are written without bold."""
-    stale, checked = [], 0
+def test_quoted_figures_are_what_the_chapter_printed(book: Path) -> None:
+    """Every decimal or percentage a chapter's prose quotes is one its own execution printed, or
+    one its code writes (book/quoted.py says what counts); measured figures are glued into the
+    prose from the execution, so this holds at any profile and on any machine."""
+    stale, executed = [], 0
     for source in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        printed = _printed(_executed(book, source))
-        if not printed.lstrip().startswith("cpu "):  # the profile line every chapter prints first
+        run = _executed(book, source)
+        if not any(cell.get("outputs") for cell in run["cells"]):
             continue
-        values = [float(n.replace(",", "")) for n in NUMBER.findall(printed)]
-        for cell in json.loads(source.read_text())["cells"]:
-            if cell["cell_type"] != "markdown":
-                continue
-            for bold in re.findall(r"\*\*([^*]+)\*\*", "".join(cell["source"])):
-                for n in NUMBER.findall(bold):
-                    checked += 1
-                    v, half = float(n.replace(",", "")), 0.5 * 10.0 ** -len(n.partition(".")[2])
-                    if not any(abs(w - v) <= half + 1e-9 for w in values):
-                        stale.append(f"{source.name}: **{bold}**")
-    if not checked:
-        pytest.skip(f"no chapter of the book at {book} was executed at the cpu profile, which the prose quotes")
-    assert not stale, "bold figures the chapter did not print (update the prose to this build's output):\n" + \
+        executed += 1
+        if missing := quoted.unprinted(json.loads(source.read_text()), run):
+            stale.append(f"{source.name}: {', '.join(missing)}")
+    if not executed:
+        pytest.skip(f"no chapter of the book at {book} has its execution at hand")
+    assert not stale, "figures the prose quotes but its chapter did not print (glue them: minigpt.viz.glue):\n" + \
         "\n".join(stale)
 
 

@@ -14,8 +14,8 @@ from minigpt.model import GPT, GPTConfig
 from minigpt.recipe import override
 from minigpt.rlhf.core import end_token, pack, prompt_ids, sequence_kl, token_logprobs
 from minigpt.rlhf.dpo import DPOConfig, dpo, dpo_loss, sequence_logprobs
-from minigpt.rlhf.grpo import GRPOConfig, group_advantages, grpo, k3_kl
-from minigpt.rlhf.ppo import PPOConfig, gae, ppo
+from minigpt.rlhf.grpo import GRPOConfig, group_advantages, grpo, grpo_loss, k3_kl
+from minigpt.rlhf.ppo import PPOConfig, gae, ppo, ppo_losses
 from minigpt.rlhf.reward import (
     Pair,
     RewardModel,
@@ -134,6 +134,66 @@ def test_losses_and_advantages_by_hand():
     torch.testing.assert_close(adv[0], (rewards[0] - 0.5) / (rewards[0].std() + 1e-4))
     loo = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 2.0]]), "rloo")
     torch.testing.assert_close(loo[0], torch.tensor([1 - 2 / 3, 0 - 1.0, 0 - 1.0, 2 - 1 / 3]))
+
+
+def test_ppo_losses_by_hand_and_the_clip():
+    """Three response tokens (a fourth, masked, must not count): ratios 1.5, 0.9 and 0.5 with
+    cliprange 0.2. Token 0 (ratio above 1.2, positive advantage) is clipped: the min picks the
+    clipped term and its gradient is zero. Token 2 left the band too, but downwards with a
+    positive advantage, where the unclipped term is the smaller one: it keeps its gradient."""
+    mask = torch.tensor([[True, True, True, False]])
+    old = torch.zeros(1, 4)
+    logprobs = torch.tensor([[math.log(1.5), math.log(0.9), math.log(0.5), 5.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0, 2.0, 100.0]])
+    values = torch.tensor([[0.5, 1.0, 0.0, 9.0]], requires_grad=True)
+    old_values = torch.zeros(1, 4)
+    returns = torch.tensor([[1.0, 0.0, 0.3, -9.0]])
+    pg, vf, stats = ppo_losses(logprobs, old, adv, values, old_values, returns, mask, cliprange=0.2,
+                               cliprange_value=0.2)
+    # per token max(-A rho, -A clip(rho)): max(-1.5, -1.2), max(0.9, 0.9), max(-1.0, -1.6)
+    assert pg.item() == pytest.approx((-1.2 + 0.9 - 1.0) / 3, rel=1e-6)
+    # V_clip = 0.2, 0.2, 0.0: max(0.25, 0.64), max(1.0, 0.04), max(0.09, 0.09)
+    assert vf.item() == pytest.approx(0.5 * (0.64 + 1.0 + 0.09) / 3, rel=1e-6)
+    assert stats["clipfrac"] == pytest.approx(2 / 3)  # tokens 0 and 2 left [0.8, 1.2]
+    assert stats["vf_clipfrac"] == pytest.approx(1 / 3)  # only token 0's clipped value term is the larger
+    assert stats["approxkl"] == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.9) ** 2 + math.log(0.5) ** 2) / 3)
+    assert stats["ratio"] == pytest.approx((1.5 + 0.9 + 0.5) / 3)
+    pg.backward()
+    # d/d logprob of -A rho / 3 is -A rho / 3; the clipped token and the masked one get none
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 0.9 / 3, -1.0 / 3, 0.0]]))
+    # Inside the band nothing is clipped and the loss is the plain ratio-weighted policy gradient
+    same = torch.zeros(1, 4, requires_grad=True)
+    pg, _, stats = ppo_losses(same, old, adv, old_values, old_values, returns, mask)
+    assert pg.item() == pytest.approx(-(1.0 - 1.0 + 2.0) / 3) and stats["clipfrac"] == 0 and stats["ratio"] == 1
+
+
+def test_grpo_loss_by_hand_the_clip_and_the_one_update_case():
+    """Two answers with advantages +1 and -1, of 2 and 3 tokens: the mean runs over the 5 tokens
+    of the batch (token-level), not per answer first."""
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    old = torch.zeros(2, 3)
+    logprobs = torch.log(torch.tensor([[1.3, 1.0, 1.0], [0.7, 1.0, 1.0]])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0])
+    loss, stats = grpo_loss(logprobs, old, logprobs.detach(), adv, mask, epsilon=0.2, beta=0.0)
+    # -min(rho A, clip(rho) A): -min(1.3, 1.2), -1, -min(-0.7, -0.8), 1, 1
+    assert loss.item() == pytest.approx((-1.2 - 1.0 + 0.8 + 1.0 + 1.0) / 5, rel=1e-6)
+    assert stats["clip_ratio"] == pytest.approx(2 / 5) and stats["kl"] == 0
+    loss.backward()
+    # the two clipped tokens get no gradient; the others -A rho / N; the masked one none
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, -0.2, 0.0], [0.0, 0.2, 0.2]]))
+    # the KL term: k3 per token, beta times its token mean
+    ref = torch.full((2, 3), 0.1)
+    k3 = math.exp(0.1) - 0.1 - 1
+    loss, stats = grpo_loss(torch.zeros(2, 3), old, ref, adv, mask, beta=0.5)
+    assert stats["kl"] == pytest.approx(k3, rel=1e-5) and stats["kl_per_completion"] == pytest.approx(2.5 * k3, rel=1e-5)
+    assert loss.item() == pytest.approx((-2 * 1.0 + 3 * 1.0) / 5 + 0.5 * k3, rel=1e-5)
+    # One update per batch (old = the policy's own log-probs, detached): the ratio is 1, the clip
+    # never acts, and the gradient is the policy gradient -A / N per token.
+    lp = torch.log(torch.tensor([[0.2, 0.5, 0.9], [0.3, 0.6, 0.1]])).requires_grad_()
+    loss, stats = grpo_loss(lp, lp.detach(), lp.detach(), adv[:, None], mask, beta=0.04)
+    loss.backward()
+    assert stats["clip_ratio"] == 0 and loss.item() == pytest.approx((-2 + 3) / 5)
+    torch.testing.assert_close(lp.grad, -adv[:, None] * mask / 5)
 
 
 def test_reward_model_saves_loads_and_refuses_a_damaged_file(model, tmp_path):

@@ -8,8 +8,9 @@ answers (RLOO, an unbiased baseline). A group whose answers all score the same t
 
 The KL to the reference is a term of the loss, not of the reward, estimated per token with
 Schulman's k3, ``pi_ref/pi - log(pi_ref/pi) - 1`` (>= 0, unbiased, low variance). The loss is
-averaged over all answer tokens of the batch at once ("token-level" normalisation, as in DAPO and
-TRL's default), so a long answer's tokens weigh no less than a short one's.
+averaged over all answer tokens of the batch at once ("token-level" normalisation, as in DAPO;
+DeepSeekMath averages each answer's tokens first), so a long answer's tokens weigh no less than a
+short one's: :func:`grpo_loss`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from minigpt.rlhf.core import (
 )
 from minigpt.tokenizer import BPETokenizer
 
-__all__ = ["GRPOConfig", "group_advantages", "grpo", "k3_kl"]
+__all__ = ["GRPOConfig", "group_advantages", "grpo", "grpo_loss", "k3_kl"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,41 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return d.exp() - d - 1
 
 
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+              advantages: torch.Tensor, mask: torch.Tensor, *, epsilon: float = 0.2,
+              beta: float = 0.04) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's loss on one batch of answers; returns ``(loss, stats)``.
+
+    ``logprobs`` (B, T - 1) come from the policy being trained (with gradients);
+    ``old_logprobs`` from the policy that sampled the answers (``logprobs.detach()`` when the
+    batch serves a single update, so the ratio is exactly 1), ``ref_logprobs`` from the frozen
+    reference; ``advantages`` holds one value per answer, (B,) or (B, 1), shared by its tokens
+    (or one per token, (B, T - 1)). With ``rho = exp(logprobs - old_logprobs)``::
+
+        loss = mean over mask of [-min(rho * A, clip(rho, 1 - epsilon, 1 + epsilon) * A) + beta * k3]
+
+    where ``k3`` is :func:`k3_kl` per token. The mean runs over every answer token of the batch
+    at once (token-level, as in DAPO; one of TRL's ``loss_type`` choices), not per answer and then
+    over answers as in the DeepSeekMath paper. ``stats`` (floats, no gradient): ``kl`` (mean k3 per token),
+    ``kl_per_completion`` (k3 summed over each answer, averaged over answers) and ``clip_ratio``
+    (share of tokens whose ratio left ``[1 - epsilon, 1 + epsilon]``).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    ratio = (logprobs - old_logprobs).exp()
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    kl = k3_kl(logprobs, ref_logprobs)
+    loss = masked_mean(per_token + beta * kl, mask)
+    with torch.no_grad():
+        stats = {
+            "kl": float(masked_mean(kl, mask)),
+            "kl_per_completion": float((kl * mask).sum(-1).mean()),
+            "clip_ratio": float(masked_mean(((ratio - 1).abs() > epsilon).float(), mask)),
+        }
+    return loss, stats
+
+
 def grpo(policy: GPT, reference: GPT, tokenizer: BPETokenizer, prompts: Sequence[Conversation],
          reward: RewardFn, cfg: GRPOConfig, *, log_interval: int = 1,
          seed: int = 0) -> tuple[GPT, list[dict[str, Any]]]:
@@ -109,20 +145,16 @@ def grpo(policy: GPT, reference: GPT, tokenizer: BPETokenizer, prompts: Sequence
             old = token_logprobs(policy, batch.ids, cfg.temperature, batch.mask) if cfg.num_iterations > 1 else None
         for _ in range(cfg.num_iterations):
             logprobs = token_logprobs(policy, batch.ids, cfg.temperature, batch.mask)
-            ratio = (logprobs - (logprobs.detach() if old is None else old)).exp()
-            clipped = ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon)
-            per_token = -torch.min(ratio * advantages, clipped * advantages)
-            kl = k3_kl(logprobs, ref)
-            loss = masked_mean(per_token + cfg.beta * kl, batch.mask)
+            loss, stats = grpo_loss(logprobs, logprobs.detach() if old is None else old, ref, advantages,
+                                    batch.mask, epsilon=cfg.epsilon, beta=cfg.beta)
             stepper.step(loss)
         if step % log_interval == 0 or step == cfg.steps:
             zero_std = rewards.std(dim=1) == 0
             history.append({
                 "step": step, "loss": float(loss.detach()), "reward": float(rewards.mean()),
                 "reward_std": float(rewards.std(dim=1).mean()), "frac_reward_zero_std": float(zero_std.float().mean()),
-                "kl": float(masked_mean(kl.detach(), batch.mask)),
-                "kl_per_completion": float((kl.detach() * batch.mask).sum(-1).mean()),
+                "kl": stats["kl"], "kl_per_completion": stats["kl_per_completion"],
                 "completions/mean_length": float(batch.mask.sum(-1).float().mean()),
-                "clip_ratio": float(masked_mean(((ratio - 1).abs() > cfg.epsilon).float(), batch.mask)),
+                "clip_ratio": stats["clip_ratio"],
             })
     return policy, history

@@ -45,7 +45,7 @@ from minigpt.rlhf.core import (
 from minigpt.rlhf.reward import RewardModel
 from minigpt.tokenizer import BPETokenizer
 
-__all__ = ["PPOConfig", "PolicyAndValue", "gae", "ppo"]
+__all__ = ["PPOConfig", "PolicyAndValue", "gae", "ppo", "ppo_losses"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,45 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         running = (delta + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
     return advantages, (advantages + values) * mask
+
+
+def ppo_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
+               cliprange: float = 0.2, cliprange_value: float = 0.2
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """PPO's clipped policy loss and clipped value loss on one minibatch; returns
+    ``(policy_loss, value_loss, stats)``. All tensors are (B, T - 1), read at the True entries of
+    ``mask`` (a :class:`~minigpt.rlhf.core.Packed` batch's response targets).
+
+    ``logprobs`` and ``values`` come from the networks being trained (with gradients);
+    ``old_logprobs``, ``old_values``, ``advantages`` (whitened) and ``returns`` were stored at the
+    rollout. With ``rho = exp(logprobs - old_logprobs)``::
+
+        policy_loss = mean over mask of max(-A * rho, -A * clip(rho, 1 - cliprange, 1 + cliprange))
+        V_clip      = old_values + clip(values - old_values, -cliprange_value, cliprange_value)
+        value_loss  = 0.5 * mean over mask of max((values - returns)^2, (V_clip - returns)^2)
+
+    (the max of the negated terms is PPO's pessimistic min of the objective). The means run over
+    every masked token of the minibatch at once. ``stats`` (floats, no gradient), TRL's metrics:
+    ``clipfrac`` (share of tokens whose ratio left ``[1 - cliprange, 1 + cliprange]``),
+    ``vf_clipfrac`` (share where the clipped value term is the larger), ``approxkl``
+    (``0.5 * mean(log rho ^ 2)``) and ``ratio`` (mean ratio).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    pg_loss = masked_mean(pg_losses, mask)
+    vclipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_losses = torch.max((values - returns) ** 2, (vclipped - returns) ** 2)
+    vf_loss = 0.5 * masked_mean(vf_losses, mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": float(masked_mean(((ratio - 1).abs() > cliprange).float(), mask)),
+            "vf_clipfrac": float(masked_mean(((values - returns) ** 2 < (vclipped - returns) ** 2).float(), mask)),
+            "approxkl": float(0.5 * masked_mean(log_ratio ** 2, mask)),
+            "ratio": float(masked_mean(ratio, mask)),
+        }
+    return pg_loss, vf_loss, stats
 
 
 @dataclass
@@ -186,25 +225,15 @@ def _update(model: PolicyAndValue, stepper: Stepper, r: _Rollout, cfg: PPOConfig
             idx = order[start:start + size]
             mb, mask = r.batch.rows(idx), r.batch.mask[idx]
             new_logprobs = token_logprobs(model.policy, mb.ids, cfg.temperature, mask)
-            log_ratio = new_logprobs - r.logprobs[idx]
-            ratio = log_ratio.exp()
-            adv = r.advantages[idx]
-            pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
-            pg_loss = masked_mean(pg_losses, mask)
             vpred = model.critic.values(mb.ids)[:, :-1]
-            old_v, ret = r.values[idx], r.returns[idx]
-            vclipped = old_v + (vpred - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
-            vf_losses = torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2)
-            vf_loss = 0.5 * masked_mean(vf_losses, mask)
+            pg_loss, vf_loss, mb_stats = ppo_losses(new_logprobs, r.logprobs[idx], r.advantages[idx], vpred,
+                                                    r.values[idx], r.returns[idx], mask, cliprange=cfg.cliprange,
+                                                    cliprange_value=cfg.cliprange_value)
             stepper.step(pg_loss + cfg.vf_coef * vf_loss)
-            with torch.no_grad():
-                stats["pg"].append(float(pg_loss))
-                stats["vf"].append(float(vf_loss))
-                stats["clipfrac"].append(float(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask)))
-                stats["vf_clipfrac"].append(float(masked_mean(((vpred - ret) ** 2 < (vclipped - ret) ** 2).float(),
-                                                              mask)))
-                stats["approxkl"].append(float(0.5 * masked_mean(log_ratio ** 2, mask)))
-                stats["ratio"].append(float(masked_mean(ratio, mask)))
+            stats["pg"].append(float(pg_loss.detach()))
+            stats["vf"].append(float(vf_loss.detach()))
+            for key in ("clipfrac", "vf_clipfrac", "approxkl", "ratio"):
+                stats[key].append(mb_stats[key])
 
     def avg(key: str) -> float:
         return sum(stats[key]) / len(stats[key])

@@ -8,11 +8,14 @@ rewards of RL on them.
 * :mod:`~minigpt.tasks.evaluate` -- a model's greedy answers (chat or few-shot), exact match and
   pass@k;
 * :mod:`~minigpt.tasks.rewards` -- reward functions for RL: whether the answer is right, and a
-  stand-in labeler's taste.
+  stand-in labeler's taste;
+* :mod:`~minigpt.tasks.copying` -- a toy task (copy a random sequence after a separator) whose
+  solution is one attention pattern: the first attention map with a job (chapter 2).
 
 The package re-exports their public names: ``from minigpt.tasks import arithmetic, exact_match, correct``.
 """
 
+from minigpt.tasks.copying import CopyTask
 from minigpt.tasks.data import (
     BAD,
     ENTITY_TAGS,
@@ -45,6 +48,7 @@ from minigpt.tasks.rewards import correct, even_digits
 
 __all__ = [
     "BAD",
+    "CopyTask",
     "DIALOGUE_LANGUAGES",
     "ENTITY_TAGS",
     "GOOD",

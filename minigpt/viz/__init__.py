@@ -6,6 +6,7 @@
 * :class:`ChatWidget` -- a text box and a transcript that streams the model's reply (live), or
   the conversation recorded in the notebook (static).
 * :func:`plot_attention`, :func:`plot_sampling` -- their matplotlib twins, for print.
+* :func:`glue` -- a figure a cell computed, quoted in the rendered page's prose.
 
 Each widget is one JavaScript module fed a JSON payload that Python computes: anywidget runs it
 with a kernel, and the widget's ``text/html`` output inlines the same module, so a static page
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
         plot_attention,
     )
     from minigpt.viz.chat import ChatWidget
+    from minigpt.viz.glue import glue
     from minigpt.viz.sampling import SamplingExplorer, plot_sampling, trace_logits
 
 __all__ = [
@@ -37,12 +39,14 @@ __all__ = [
     "SamplingExplorer", "plot_sampling", "trace_logits",
     "ChatWidget",
     "token_label",
+    "glue",
 ]
 
 # Where each public name lives, imported on first use (PEP 562).
 _WHERE = {name: "attention" for name in __all__[:5]} | {name: "sampling" for name in __all__[5:8]}
 _WHERE["token_label"] = "_common"
 _WHERE["ChatWidget"] = "chat"
+_WHERE["glue"] = "glue"
 
 
 def __getattr__(name: str) -> Any:
