@@ -139,6 +139,8 @@ def test_chapter_ends_with_a_summary_and_exercises_solved_in_hidden_cells(path: 
     for n, cell in enumerate(solutions, 1):
         assert cell["text"].startswith(f"# Solution to exercise {n}"), f"{path.name}: solution {n} starts with its name"
         assert "hide-cell" in cell["metadata"].get("tags", []), f"{path.name}: solution {n} is hidden (tag hide-cell)"
+        assert cell["metadata"].get("mystnb", {}).get("code_prompt_show") == f"Solution to exercise {n}", \
+            f"{path.name}: solution {n}'s toggle names it (metadata mystnb.code_prompt_show)"
         assert "assert" in cell["text"], f"{path.name}: solution {n} checks its answer with an assert"
     assert len(solutions) == len(asked), f"{path.name}: {len(asked)} exercises, {len(solutions)} solutions"
 
