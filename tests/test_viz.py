@@ -284,3 +284,13 @@ def test_plot_sampling(model: GPT, tok: CharTokenizer) -> None:
     fig, ax = plot_sampling(torch.randn(12), top_p=0.5)
     assert len(ax.patches) == 12  # a vocabulary that fits: no "other"
     plt.close(fig)
+
+
+def test_glue_is_a_no_op_where_myst_nb_is_missing(monkeypatch, capsys) -> None:
+    """Colab and a bare Jupyter have no myst-nb: gluing a figure must not fail there (the cell
+    prints the number anyway)."""
+    from minigpt.viz import glue
+
+    monkeypatch.setitem(sys.modules, "myst_nb", None)  # import myst_nb now raises ImportError
+    assert glue("loss", 1.25) is None
+    assert capsys.readouterr().out == ""
