@@ -11,7 +11,8 @@ With two or more GPUs (or ``--cpu``: two gloo processes) it also runs 2-process 
 ``torchrun``. On one H100 it finishes in a few minutes; give it 8.
 
 MFU (model FLOPs utilisation) = achieved training FLOP/s / the device's dense peak in the autocast
-dtype (:func:`minigpt.train.peak_flops`; none for a CPU or a GPU it does not know). Two FLOP counts, because published figures use both:
+dtype (:func:`minigpt.train.peak_flops`; none for a CPU or a GPU it does not know). Two FLOP
+counts, because published figures use both:
 
 * ``mfu``: :meth:`minigpt.model.GPT.flops_per_token`, 6N + 12LHQT with N the parameters less the
   position embedding (nanoGPT and PaLM's appendix B);
@@ -129,7 +130,8 @@ def check_one(args: argparse.Namespace, device: str, folder: Path) -> dict[str, 
         trainer, result = timed_training(model, cfg, ShardLoader([shard], batch, gcfg.block_size), device, steps)
         result["compile_s"] = result["first_step_s"] - result["median_step_s"] if mode == "compiled" else 0.0
         for key, flops in (("mfu", model.flops_per_token()), ("mfu_llmc", flops_llmc(model))):
-            result[key] = flops * result["tokens_per_s"] / peak if peak and trainer.amp_dtype else None
+            # The Trainer's own peak: the device's, and only where the matmuls run in half precision.
+            result[key] = flops * result["tokens_per_s"] / trainer.peak_flops if trainer.peak_flops else None
         if mode == "compiled":
             result["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             result["recompiles"] = sum(torch._dynamo.utils.counters["recompiles"].values())
