@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -54,21 +53,32 @@ def test_ci_pretraining_learns_as_well_in_half_precision(dtype, tmp_path, outcom
     outcome.check(f"pretrain {dtype}: val loss at step 40", last["val_loss"], "<", 5.5)  # spread 5.396 .. 5.401 (6 runs each)
 
 
+# Kills its own process right after step 25 is logged: after the step-20 checkpoint, mid-way to the next.
+# (Polling from outside raced a run this small, which can reach step 30 between two polls.)
+_KILLED_AT_25 = """
+import os, signal, sys
+import minigpt.train as t
+log = t.Trainer._log
+def _log(self, record):
+    log(self, record)
+    if record["step"] == 25:
+        os.kill(os.getpid(), signal.SIGKILL)
+t.Trainer._log = _log
+from minigpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigkilled_run_resumes_on_the_same_loss_curve(straight_run, tmp_path):
     straight, _ = straight_run
-    proc = _run(tmp_path)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill it after the step-20 checkpoint, mid-way to the next
-        if metrics.exists() and any(json.loads(line)["step"] >= 25 for line in metrics.read_text().splitlines()):
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AT_25, "pretrain", "--out", str(tmp_path), *ARGS],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert max(r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())) == 25
     resumed = _run(tmp_path)
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log
-    assert "resumed from" in log and "at step 2" in log
+    assert "resumed from" in log and "at step 20" in log
     assert _losses(tmp_path) == _losses(straight)  # bitwise: the same floats, step for step
 
 
