@@ -10,7 +10,6 @@ after the earlier filters.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -41,14 +40,17 @@ def check_sampling(*, temperature: float = 1.0, top_k: int | None = None, top_p:
         raise ValueError(f"repetition_penalty={repetition_penalty:g} must be > 0 (1.0 means no penalty)")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, idx: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, idx: torch.Tensor, penalty: float,
+                             real: torch.Tensor | None = None) -> torch.Tensor:
     """CTRL's penalty (Keskar et al. 2019): for each token already in ``idx`` (B, T), divide a
     positive logit by ``penalty`` and multiply a negative one, so it always becomes less likely.
-    Tokens are penalised once however often they occur (as in Hugging Face)."""
+    Tokens are penalised once however often they occur (as in Hugging Face). ``real`` (B, T):
+    False at left padding, which is not a token the row has seen."""
     check_sampling(repetition_penalty=penalty)
-    seen = logits.gather(-1, idx)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits.scatter(-1, idx, seen)
+    counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
+    ones = torch.ones_like(idx, dtype=torch.int32) if real is None else real.to(torch.int32)
+    seen = counts.scatter_add_(-1, idx, ones) > 0
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -149,11 +151,21 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: f
            top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
            repetition_penalty: float = 1.0, stop_tokens: Iterable[int] | None = None,
            pad_token: int | None = None, use_cache: bool = True,
-           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+           generator: torch.Generator | None = None,
+           attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, a (B,) tensor per step; see :func:`generate`."""
     if idx.dim() != 2:
         raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
     B, T = idx.shape
+    if attention_mask is not None:
+        if attention_mask.shape != idx.shape:
+            raise ValueError(f"attention_mask must have the shape of idx {tuple(idx.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("attention_mask: pad prompts on the left (each row's last token must be real); "
+                             "see minigpt.generate.left_pad")
+        if bool(attention_mask.all()):  # no padding after all: the plain causal path is faster
+            attention_mask = None
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     block_size = model.config.block_size
@@ -172,8 +184,8 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: f
     has_stops = len(stops) > 0
     if pad_token is None:
         pad_token = int(stops[0]) if has_stops else 0
-    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   repetition_penalty=repetition_penalty)
+    check_sampling(repetition_penalty=repetition_penalty)
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
 
     # Eval mode: dropout would make sampling noisy and cached != uncached.
     with evaluating(model), torch.inference_mode():
@@ -184,19 +196,29 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: f
         # so that a step writes one column instead of copying the whole sequence.
         buffer = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
         buffer[:, :T] = idx
+        real = None  # which tokens of buffer are not padding, when some are
+        if attention_mask is not None:
+            real = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=idx.device)
+            real[:, :T] = attention_mask.to(device=idx.device, dtype=torch.bool)
         new = idx  # what the model has not seen yet: the prompt, then one token per step
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for t in range(T, T + max_new_tokens):
             seq = buffer[:, :t]
-            if use_cache:
-                logits, _ = model(new, kv_cache=cache, last_only=True)
+            if use_cache:  # the cache remembers the prompt's padding after the first step
+                mask = real[:, :T] if real is not None and t == T else None
+                logits, _ = model(new, kv_cache=cache, last_only=True, attention_mask=mask)
             else:
-                logits, _ = model(seq[:, -block_size:], last_only=True)
+                mask = real[:, :t][:, -block_size:] if real is not None else None
+                logits, _ = model(seq[:, -block_size:], last_only=True, attention_mask=mask)
             # NaN wins argmax, so a broken model would decode greedily to token 0 without a word.
             # Checked once, on the prompt: checking every step cost ~3% of a small model's decoding.
             if t == T and bool(logits.isnan().any()):
                 raise NaNLogitsError(_NAN_LOGITS)
-            token = sample_next(logits[:, -1, :], seq, generator=generator, **filters)
+            logits = logits[:, -1, :]
+            if repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, seq, repetition_penalty,
+                                                  real[:, :t] if real is not None else None)
+            token = sample_next(logits, generator=generator, **filters)
             if not has_stops:  # no row can finish: skip the bookkeeping
                 yield token
             else:
@@ -214,13 +236,16 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature:
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float = 1.0, stop_tokens: Iterable[int] | None = None,
              pad_token: int | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Continue each row of ``idx`` (B, T) by up to ``max_new_tokens``; returns (B, T + n).
 
     temperature=0 is greedy; ``generator`` makes sampling reproducible. A row that emits one of
     ``stop_tokens`` keeps it and is then padded with ``pad_token`` (default: the smallest stop
     token id, like Hugging Face's eos-as-pad), and generation ends early once every row has
-    stopped, so n <= max_new_tokens. Rows share one prompt length (no padding masks).
+    stopped, so n <= max_new_tokens. Prompts of different lengths share a batch left-padded, with
+    ``attention_mask`` (B, T) 0 at the padding (:func:`left_pad` makes both): each row then
+    continues as it would alone.
 
     With ``use_cache`` (default) a KV cache sized T + max_new_tokens is preallocated and each step
     feeds only the newest token; that total must fit in ``block_size``. Without the cache the
@@ -232,7 +257,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature:
     tokens = list(stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                          stop_tokens=stop_tokens, pad_token=pad_token, use_cache=use_cache,
-                         generator=generator))
+                         generator=generator, attention_mask=attention_mask))
     idx = idx.to(model.transformer.wte.weight.device)
     return torch.cat([idx, torch.stack(tokens, dim=1)], dim=1) if tokens else idx
 
@@ -321,15 +346,31 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
     return tokenizer.decode(new[:cut])
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_token: int = 0, *,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch: ``(idx, attention_mask)``, each (B, longest),
+    the shorter prompts preceded by ``pad_token`` where the mask is 0. Left, not right: every row
+    then ends at its last real token, so the next column is every row's next token."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("left_pad needs at least one prompt, and each at least one token")
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), pad_token, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        idx[row, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return idx.to(device), mask.to(device)
+
+
 def complete(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              stop_tokens: Sequence[int] = (), batch_size: int = 64, temperature: float = 0.0,
              generator: torch.Generator | None = None, **filters: Any) -> list[list[int]]:
     """The continuation of each prompt (a list of token ids, of any lengths), greedy by default.
 
-    :func:`generate` has no padding masks, so prompts of equal length are batched together, up to
-    ``batch_size`` rows. A continuation ends with its stop token, if it emitted one (the padding
-    after it is cut off); ``temperature`` and ``filters`` (top_k, top_p, ...) are as in
-    :func:`generate`.
+    Prompts go through :func:`generate` ``batch_size`` at a time, shortest first (so a batch
+    holds similar lengths), left-padded to the longest of their batch (:func:`left_pad`). A continuation ends with its stop token, if it
+    emitted one (the padding after it is cut off); ``temperature`` and ``filters`` (top_k,
+    top_p, ...) are as in :func:`generate`.
     """
     block = model.config.block_size
     for i, p in enumerate(prompts):
@@ -339,17 +380,14 @@ def complete(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
                              "or fewer new tokens")
     device = model.transformer.wte.weight.device
     stops = set(stop_tokens)
-    by_length: defaultdict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_length[len(p)].append(i)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    for length, rows in by_length.items():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            idx = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)
-            new = generate(model, idx, max_new_tokens, temperature=temperature, stop_tokens=stop_tokens,
-                           generator=generator, **filters)[:, length:]
-            for i, ids in zip(chunk, new.tolist()):
-                cut = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
-                out[i] = ids[:cut]
+    for start in range(0, len(prompts), batch_size):
+        rows = order[start:start + batch_size]
+        idx, mask = left_pad([prompts[i] for i in rows], device=device)
+        new = generate(model, idx, max_new_tokens, temperature=temperature, stop_tokens=stop_tokens,
+                       generator=generator, attention_mask=mask, **filters)[:, idx.size(1):]
+        for i, ids in zip(rows, new.tolist()):
+            cut = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
+            out[i] = ids[:cut]
     return out

@@ -169,6 +169,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        #: (batch, max_len) True where a cached position holds a real token, not left padding;
+        #: None while every position is real (no ``attention_mask`` was given).
+        self.real: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values (B, H, T, D) after the cached ones; return all of them.
@@ -182,11 +185,37 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.real = None
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep row ``rows[i]`` of the batch as row i (beam search: each beam continues one of the
         previous step's beams, possibly the same one twice)."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
+        if self.real is not None:
+            self.real = self.real[rows]
+
+
+@dataclass(frozen=True)
+class Padding:
+    """What attention needs to serve a left-padded batch (prompts of different lengths in one
+    batch, the shorter ones preceded by pad tokens): every token's position among its row's real
+    tokens, so a prompt reads the same position embeddings (or rotations) whatever its padding,
+    and which keys each query may see. Built by :meth:`GPT.forward` from ``attention_mask``."""
+
+    positions: torch.Tensor  #: (B, T) long
+    allowed: torch.Tensor  #: (B, 1, T, T_key) bool: causal, and never a pad key (but its own)
+
+    @classmethod
+    def of(cls, real: torch.Tensor, t_query: int) -> Padding:
+        """From ``real`` (B, T_key), True at real tokens, of which the last ``t_query`` are the
+        queries. A pad query may see itself only (a row with no key would be NaN): its output is
+        never read, because no real token attends to it."""
+        t_key = real.size(1)
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)[:, t_key - t_query:]
+        keys = torch.arange(t_key, device=real.device)
+        itself = keys[None, :] == keys[t_key - t_query:, None]
+        allowed = causal_mask(t_query, t_key, real.device) & (real[:, None, :] | itself)
+        return cls(positions, allowed[:, None])
 
 
 def causal_mask(t_query: int, t_key: int, device: torch.device | None = None) -> torch.Tensor:
@@ -199,12 +228,12 @@ def causal_mask(t_query: int, t_key: int, device: torch.device | None = None) ->
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (T, head_dim / 2) in float32, of the RoPE angles ``p * theta^(-2i / head_dim)``
-    for every position p and feature pair i: pair 0 turns by one radian per position, the last
-    pair slowest. Computed on the fly (a few thousand numbers), so a cast of the model to bf16
+    """cos and sin, each (*positions.shape, head_dim / 2) in float32, of the RoPE angles
+    ``p * theta^(-2i / head_dim)`` for every position p and feature pair i: pair 0 turns by one
+    radian per position, the last pair slowest. Computed on the fly (a few thousand numbers), so a cast of the model to bf16
     never rounds them."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -241,10 +270,11 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, need_weights: bool = False,
+                padding: Padding | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return the attention output (B, T, C) and, if ``need_weights``, the attention
-        probabilities (B, H, T, T_key) computed by the naive path."""
+        probabilities (B, H, T, T_key) computed by the naive path. ``padding``: a left-padded
+        batch's positions and mask (see :class:`Padding`)."""
         B, T, C = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([C, G * D, G * D], dim=2)
@@ -252,31 +282,43 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)
         k, v = (t.view(B, T, G, D).transpose(1, 2) for t in (k, v))
         if self.rope_theta is not None:  # rotate by absolute position; the cache holds rotated keys
-            start = kv_cache.length if kv_cache is not None else 0
-            cos, sin = rope_cos_sin(torch.arange(start, start + T, device=x.device), D, self.rope_theta)
+            if padding is not None:  # (B, 1, T): each row's own positions, shared by its heads
+                positions = padding.positions[:, None]
+            else:
+                start = kv_cache.length if kv_cache is not None else 0
+                positions = torch.arange(start, start + T, device=x.device)
+            cos, sin = rope_cos_sin(positions, D, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache dtype differs
         if G != H:  # each key/value head serves H / G consecutive query heads
             k, v = (t.repeat_interleave(H // G, dim=1) for t in (k, v))
+        allowed = padding.allowed if padding is not None else None
         if need_weights or self.attn_impl == "naive":
-            y, att = self._naive(q, k, v)
+            y, att = self._naive(q, k, v, allowed)
         else:
-            y, att = self._sdpa(q, k, v), None
+            y, att = self._sdpa(q, k, v, allowed), None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-join the heads
         return self.resid_dropout(self.c_proj(y)), (att if need_weights else None)
 
-    def _naive(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """softmax(q k^T / sqrt(d) + mask) v, spelled out: the reference for the fast path."""
+    def _naive(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """softmax(q k^T / sqrt(d) + mask) v, spelled out: the reference for the fast path.
+        ``allowed`` replaces the causal mask (a padded batch's, see :class:`Padding`)."""
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-        att = att.masked_fill(~causal_mask(q.size(2), k.size(2), q.device), float("-inf"))
+        if allowed is None:
+            allowed = causal_mask(q.size(2), k.size(2), q.device)
+        att = att.masked_fill(~allowed, float("-inf"))
         att = F.softmax(att, dim=-1)
         return self.attn_dropout(att) @ v, att
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              allowed: torch.Tensor | None = None) -> torch.Tensor:
         """PyTorch's fused attention (flash / memory-efficient kernels on GPUs)."""
         dropout_p = self.dropout if self.training else 0.0
+        if allowed is not None:  # a padded batch: its own mask (flash takes none; another kernel runs)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
         t_query, t_key = q.size(2), k.size(2)
         if t_query == t_key:  # no cache, or the prefill: plain causal attention
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -332,9 +374,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, att = self.attn(self.ln_1(x), kv_cache, need_weights)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, need_weights: bool = False,
+                padding: Padding | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, att = self.attn(self.ln_1(x), kv_cache, need_weights, padding)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, att
@@ -374,7 +416,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, last_only: bool = False,
                 return_attention: bool = False, prefix: torch.Tensor | None = None,
-                logits: bool = True) -> tuple[Any, ...]:
+                logits: bool = True, attention_mask: torch.Tensor | None = None) -> tuple[Any, ...]:
         """Next-token logits for every position of ``idx`` (B, T).
 
         * ``targets``: (B, T) next tokens; positions set to -100 are left out of the mean loss.
@@ -385,6 +427,10 @@ class GPT(nn.Module):
         * ``prefix``: (B, P, n_embd) input vectors read before ``idx``, as if they were token
           embeddings (image patches in chapter 11). They take the first P positions (and cache
           entries) but get no logits: logits and ``targets`` cover ``idx`` only.
+        * ``attention_mask``: (B, T), 1 at real tokens and 0 at left padding, for a batch of
+          prompts of different lengths (as in Hugging Face). Each row then reads positions from 0
+          at its first real token and no token attends to padding, so a row's logits are those it
+          would have alone. With ``kv_cache`` the cache keeps the mask: later calls may omit it.
         * ``logits=False`` (with ``targets``): run the output head only at the positions whose
           target counts and return ``(None, loss)``, the same loss for less work where most targets
           are -100 (SFT's prompts). The selection's shape depends on the data: eager mode only.
@@ -392,7 +438,7 @@ class GPT(nn.Module):
         Returns ``(logits, loss)``, or ``(logits, loss, attentions)`` with ``return_attention``;
         ``loss`` is None without targets.
         """
-        x, attentions = self._trunk(idx, kv_cache, return_attention, prefix)
+        x, attentions = self._trunk(idx, kv_cache, return_attention, prefix, attention_mask)
         if prefix is not None:
             x = x[:, prefix.size(1):]
         if not logits:
@@ -419,7 +465,8 @@ class GPT(nn.Module):
         return self._trunk(idx, None, False)[0]
 
     def _trunk(self, idx: torch.Tensor, kv_cache: KVCache | None, return_attention: bool,
-               prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Any]]:
+               prefix: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Any]]:
         x = self.transformer.wte(idx)
         if prefix is not None:
             if prefix.dim() != 3 or prefix.size(0) != idx.size(0) or prefix.size(2) != self.config.n_embd:
@@ -438,17 +485,45 @@ class GPT(nn.Module):
             )
         if kv_cache is not None and kv_cache.length + T > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {start} used, {T} more given")
+        padding = self._padding(idx, attention_mask, kv_cache, prefix)
         if "wpe" in self.transformer:  # learned positions; RoPE rotates inside attention instead
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            pos = padding.positions if padding is not None else \
+                torch.arange(start, start + T, dtype=torch.long, device=idx.device)
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         attentions = []
         for block in self.transformer.h:
-            x, att = block(x, kv_cache, return_attention)
+            x, att = block(x, kv_cache, return_attention, padding)
             attentions.append(att)
         if kv_cache is not None:
             kv_cache.length += T
         return self.transformer.ln_f(x), attentions
+
+    @staticmethod
+    def _padding(idx: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: KVCache | None,
+                 prefix: torch.Tensor | None) -> Padding | None:
+        """The :class:`Padding` of a left-padded batch: from ``attention_mask`` and what the cache
+        remembers of earlier calls' masks; None for a batch without padding."""
+        if attention_mask is None and (kv_cache is None or kv_cache.real is None):
+            return None
+        if prefix is not None:
+            raise ValueError("attention_mask and prefix cannot be combined: pad the token inputs of a "
+                             "batch with a prefix on the right (targets -100), not on the left")
+        B, T = idx.shape
+        if attention_mask is None:
+            real = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        elif attention_mask.shape != idx.shape:
+            raise ValueError(f"attention_mask must have the shape of idx {tuple(idx.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        else:
+            real = attention_mask.to(device=idx.device, dtype=torch.bool)
+        if kv_cache is None:
+            return Padding.of(real, T)
+        if kv_cache.real is None:  # the first masked call: the positions cached so far were all real
+            kv_cache.real = torch.ones(B, kv_cache.max_len, dtype=torch.bool, device=idx.device)
+        start = kv_cache.length
+        kv_cache.real[:, start:start + T] = real
+        return Padding.of(kv_cache.real[:, :start + T], T)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, *,
                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> KVCache:

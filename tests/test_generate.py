@@ -9,9 +9,11 @@ from minigpt.generate import (
     apply_repetition_penalty,
     apply_temperature,
     beam_search,
+    complete,
     filter_logits,
     generate,
     generate_text,
+    left_pad,
     min_p_filter,
     next_token_probs,
     stream,
@@ -271,3 +273,66 @@ def test_beam_search_refuses_what_it_cannot_do(model: GPT) -> None:
         beam_search(model, prompt(), 44)
     with pytest.raises(ValueError, match="num_beams=0"):
         beam_search(model, prompt(), 5, num_beams=0)
+
+
+# -- prompts of different lengths in one batch ---------------------------------------------------
+
+@pytest.mark.parametrize("switches", [{}, dict(position="rope", n_kv_head=1), dict(attn_impl="naive")])
+def test_a_left_padded_row_continues_as_it_would_alone(switches: dict) -> None:
+    """Positions count from each row's first real token and no token attends to padding, so a
+    padded row's logits are its logits alone, cached or not, and greedy decoding picks the same
+    tokens (with a repetition penalty, which must not count the pad id as seen)."""
+    torch.manual_seed(1)
+    m = GPT(GPTConfig(vocab_size=50, block_size=48, n_layer=2, n_head=2, n_embd=32, **switches)).eval()
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(20)
+    prompts = [prompt(length=n, seed=n)[0].tolist() for n in (3, 9, 1, 6)]
+    idx, mask = left_pad(prompts, pad_token=prompts[0][0])  # a pad id the rows also use
+    assert idx.shape == (4, 9) and mask.sum(1).tolist() == [3, 9, 1, 6]
+    with torch.no_grad():
+        logits, _ = m(idx, attention_mask=mask)
+        for row, p in enumerate(prompts):
+            alone, _ = m(torch.tensor([p]))
+            torch.testing.assert_close(logits[row, -len(p):], alone[0], atol=1e-5, rtol=1e-5)
+    for use_cache in (True, False):
+        for penalty in (1.0, 1.5):
+            batch = generate(m, idx, 12, temperature=0, attention_mask=mask, use_cache=use_cache,
+                             repetition_penalty=penalty)[:, 9:]
+            for row, p in enumerate(prompts):
+                alone = generate(m, torch.tensor([p]), 12, temperature=0, repetition_penalty=penalty)[0, len(p):]
+                assert batch[row].tolist() == alone.tolist(), (row, use_cache, penalty)
+
+
+def test_left_padded_greedy_decoding_returns_the_tokens_of_transformers(hf_pair) -> None:
+    """transformers' generate with the same left padding and attention mask, on the same weights."""
+    hf, ours = hf_pair
+    prompts = [torch.randint(60, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (2, 7, 4)]
+    idx, mask = left_pad(prompts)
+    with torch.no_grad():
+        expected = hf.generate(idx, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                               output_logits=True, return_dict_in_generate=True)
+        got = generate(ours, idx, 10, temperature=0, attention_mask=mask)
+        assert got.tolist() == expected.sequences.tolist()
+        # And the logits behind every step: one forward over the padded prompts and their answers.
+        logits, _ = ours(got, attention_mask=torch.cat([mask, torch.ones(3, 10, dtype=mask.dtype)], 1))
+    torch.testing.assert_close(logits[:, 6:-1], torch.stack(expected.logits, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_complete_batches_prompts_of_any_length(model: GPT) -> None:
+    prompts = [prompt(length=n, seed=n)[0].tolist() for n in (5, 2, 8, 2, 5, 1)]
+    stop = 7
+    alone = [complete(model, [p], 10, stop_tokens=[stop])[0] for p in prompts]
+    assert complete(model, prompts, 10, stop_tokens=[stop], batch_size=4) == alone
+    assert complete(model, prompts, 10, stop_tokens=[stop], batch_size=64) == alone
+
+
+def test_padding_is_refused_where_it_cannot_work(model: GPT) -> None:
+    idx, mask = left_pad([[1, 2, 3], [4]])
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        generate(model, idx, 3, attention_mask=mask.flip(1))
+    with pytest.raises(ValueError, match="shape of idx"):
+        generate(model, idx, 3, attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match="at least one token"):
+        left_pad([[1], []])
+    with pytest.raises(ValueError, match="prefix"):
+        model(idx, attention_mask=mask, prefix=torch.zeros(2, 1, 32))
