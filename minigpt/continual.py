@@ -1,17 +1,24 @@
 """Continual learning: fine-tune on a new task, measure what the old one lost, and lose less.
 
 Task A is arithmetic: chapter 5's fine-tuned model (``trained(recipe, "sft")``, :mod:`minigpt.runs`:
-trained once per machine and cached). Task B is the
-sentiment rule of the classification chapter asked as a question and answered in a word
-(:func:`minigpt.tasks.data.review_questions`): short, so it trains fast at every profile, and answered
-in words where A answers in digits. :func:`continual` fine-tunes the A
-model on B three ways with :func:`minigpt.sft.sft` and measures held-out exact match on both
-tasks after each:
+trained once per machine and cached). Task B asks of the same kind of input for another rule:
+"Which is larger, 37 or 48?" (:func:`minigpt.tasks.data.comparisons`). The two compete for the
+same weights, and B builds on what A taught the model about numbers, so it trains fast at every
+profile. (A task in words instead, such as chapter 8's sentiment rule, is a poor B here: A's
+fine-tuning has worn away the text features it needs, and B then sits for hundreds of steps
+at the class frequencies.) :func:`continual` fine-tunes the A model on B in each way of
+:data:`METHODS` with :func:`minigpt.sft.sft` and measures held-out exact match on both tasks
+after each:
 
 * **sequential**: B alone. Gradient descent on B has no reason to keep what A needed, and the
   shared weights move: *catastrophic forgetting* (McCloskey & Cohen 1989; French 1999).
 * **replay**: a fraction of A's training conversations mixed into B's data (:func:`replay_mix`),
   so every batch still pays for forgetting A (rehearsal, Robins 1995; experience replay).
+* **EWC**, elastic weight consolidation (Kirkpatrick et al. 2017): B's data alone, every weight
+  trains, but the loss adds ``strength / 2 * sum_i F_i (w_i - w*_i)^2``, a spring pulling each
+  weight back to A's value ``w*_i``, as stiff as A's answers are sensitive to it: ``F_i`` is the
+  diagonal of the Fisher information on A's data (:func:`fisher_diagonal`). No A data is kept,
+  only one number per weight.
 * **LoRA**: A's weights frozen, only low-rank adapters train for B (:mod:`minigpt.lora`); no
   token rows and no ``train_also`` modules, so nothing of A's model changes, and dropping the
   adapters (:func:`without_adapters`) gives A's model back bit for bit.
@@ -21,25 +28,29 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from minigpt.chat import Conversation
 from minigpt.lora import LoRALinear, TokenRows, trainable_fraction
-from minigpt.model import GPT
+from minigpt.model import GPT, evaluating
 from minigpt.recipe import Recipe
 from minigpt.rlhf.run import problems
 from minigpt.runs import trained
-from minigpt.sft import SFTRun, sft
-from minigpt.tasks import arithmetic, exact_match, review_questions
+from minigpt.sft import SFTRun, SFTSource, sft
+from minigpt.tasks import arithmetic, comparisons, exact_match
+from minigpt.tokenizer import BPETokenizer
 
 __all__ = [
     "ContinualResult",
     "METHODS",
     "continual",
+    "ewc_penalty",
+    "fisher_diagonal",
     "forgetting_table",
     "replay_mix",
     "without_adapters",
@@ -47,8 +58,8 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: The three ways :func:`continual` learns task B, in the order it runs them.
-METHODS = ("sequential", "replay", "lora")
+#: The ways :func:`continual` learns task B, in the order it runs them.
+METHODS = ("sequential", "replay", "ewc", "lora")
 
 
 def replay_mix(new: Sequence[T], old: Sequence[T], fraction: float, *, seed: int = 0) -> list[T]:
@@ -86,6 +97,48 @@ def without_adapters(model: GPT) -> GPT:
     return plain.eval()
 
 
+def fisher_diagonal(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation], *,
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """The diagonal of the (empirical) Fisher information of ``model`` on a task, per parameter:
+    the mean over ``conversations``, one at a time, of the squared gradient of its answer's
+    log-likelihood (the sum over its answer tokens, as SFT's loss mask selects them). A large
+    entry marks a weight whose change would cost the task's answers most (to second order)."""
+    if not conversations:
+        raise ValueError("fisher_diagonal needs at least one conversation of the old task")
+    source = SFTSource(conversations, tokenizer, 1, model.config.block_size, seed=seed, too_long="drop")
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    fisher = {name: torch.zeros_like(p) for name, p in params.items()}
+    device = model.transformer.wte.weight.device
+    with evaluating(model):  # no dropout: the gradient of the model that answers
+        for _ in range(len(source)):
+            x, y = source.next_batch()
+            model.zero_grad(set_to_none=True)
+            _, loss = model(x.to(device), y.to(device))
+            (loss * (y != -100).sum()).backward()  # the mean over answer tokens, back to a sum
+            for name, p in params.items():
+                if p.grad is not None:
+                    fisher[name] += p.grad ** 2
+    model.zero_grad(set_to_none=True)
+    return {name: f / len(source) for name, f in fisher.items()}
+
+
+def ewc_penalty(model: GPT, fisher: dict[str, torch.Tensor],
+                strength: float) -> Callable[[torch.nn.Module], torch.Tensor]:
+    """EWC's term for the loss of a new task, ``strength / 2 * sum_i F_i (w_i - w*_i)^2``, as a
+    function of the model being trained (its parameters found by name); ``w*`` are ``model``'s
+    weights now, copied, and ``F`` the old task's :func:`fisher_diagonal`."""
+    if strength < 0:
+        raise ValueError(f"strength={strength} must be >= 0 (0: no pull towards the old weights)")
+    anchor = {name: p.detach().clone() for name, p in model.named_parameters() if name in fisher}
+
+    def penalty(trained: torch.nn.Module) -> torch.Tensor:
+        terms = [(fisher[name] * (p - anchor[name]) ** 2).sum()
+                 for name, p in trained.named_parameters() if name in anchor]
+        return strength / 2 * torch.stack(terms).sum()
+
+    return penalty
+
+
 @dataclass
 class ContinualResult:
     """One way of learning task B: exact match on A before and after, and on B after."""
@@ -115,13 +168,16 @@ def continual(recipe: Recipe, out_dir: str | os.PathLike, *, methods: Sequence[s
     model_a, tok = trained(recipe, "sft")
     a_train = arithmetic(None, split="train", seed=seed, max_operand=recipe.sft.max_operand)
     a_test = problems(recipe, "test", s.n_test_a)
-    b_train = review_questions(s.n_train_b, split="train", seed=seed)
-    b_test = review_questions(s.n_test_b, split="test", seed=seed)
+    b_train = comparisons(s.n_train_b, split="train", seed=seed, max_operand=s.max_operand)
+    b_test = comparisons(s.n_test_b, split="test", seed=seed, max_operand=s.max_operand)
     a_before, b_before = exact_match(model_a, tok, a_test), exact_match(model_a, tok, b_test)
     results = []
     for method in methods:
         train: list[Any] = replay_mix(b_train, a_train, s.replay, seed=seed) if method == "replay" else b_train
         options: dict[str, Any] = dict(max_steps=s.steps, learning_rate=s.learning_rate)
+        if method == "ewc":
+            fisher = fisher_diagonal(model_a, tok, a_train[:s.fisher_examples], seed=seed)
+            options["penalty"] = ewc_penalty(model_a, fisher, s.ewc_strength)
         if method == "lora":
             options = dict(max_steps=s.lora_steps, learning_rate=s.lora_learning_rate,
                            lora=dict(r=s.lora_rank, alpha=2.0 * s.lora_rank, token_rows=(), train_also=()))

@@ -11,6 +11,10 @@ Four switches of :class:`GPTConfig` turn the block into a Llama-style one, one p
 grouped-query attention. Their defaults are GPT-2's, so a default model, its parameter names and
 its checkpoints are exactly what they were before the switches existed.
 
+A fifth switch, ``causal=False``, removes the causal mask: every position then attends to the
+whole input, as in an encoder such as BERT (chapter 0 trains one with a masked-language-model
+objective). Such a model has no next token to predict, so it refuses a KV cache and generation.
+
 The key/value cache used for fast generation lives here too (:class:`KVCache`): the attention
 module is its only reader and writer, so its tensor layout is an attention detail, while
 :mod:`minigpt.generate` only decides how big to make it.
@@ -71,6 +75,9 @@ class GPTConfig:
     position: Position = "learned"  # "rope": rotate queries and keys instead of adding wpe
     n_kv_head: int | None = None  # grouped-query attention: heads of keys/values; None = n_head
     rope_theta: float = 10000.0  # RoPE's base: the slowest pair turns once per ~theta positions
+    # False: bidirectional attention, no causal mask (an encoder, as BERT's; chapter 0). Such a
+    # model sees the whole input, so it cannot generate: no KV cache, no next-token logits.
+    causal: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -103,6 +110,8 @@ class GPTConfig:
                                  "is odd; pick n_embd and n_head with an even quotient")
             if not self.rope_theta > 1:
                 raise ValueError(f"rope_theta={self.rope_theta} must be > 1 (10000 is the usual base)")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal={self.causal!r} must be True (a decoder, GPT) or False (an encoder, BERT)")
 
     @property
     def head_dim(self) -> int:
@@ -126,7 +135,7 @@ class GPTConfig:
     def is_gpt2(self) -> bool:
         """True for GPT-2's own block (every switch at its default): what GPT-2 weights fit."""
         return (self.norm == "layernorm" and self.mlp == "gelu" and self.position == "learned"
-                and self.kv_heads == self.n_head)
+                and self.kv_heads == self.n_head and self.causal)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, vocab_size: int, **overrides: Any) -> GPTConfig:
@@ -228,10 +237,10 @@ def causal_mask(t_query: int, t_key: int, device: torch.device | None = None) ->
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (*positions.shape, head_dim / 2) in float32, of the RoPE angles
+    """cos and sin, each ``(*positions.shape, head_dim / 2)`` in float32, of the RoPE angles
     ``p * theta^(-2i / head_dim)`` for every position p and feature pair i: pair 0 turns by one
-    radian per position, the last pair slowest. Computed on the fly (a few thousand numbers), so a cast of the model to bf16
-    never rounds them."""
+    radian per position, the last pair slowest. Computed on the fly (a few thousand numbers), so a
+    cast of the model to bf16 never rounds them."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
@@ -246,8 +255,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+#: Why a bidirectional model (``causal=False``) refuses a KV cache, padding and generation.
+NOT_CAUSAL = ("this model is bidirectional (causal=False, an encoder like BERT): every position sees the whole "
+              "input, so it has no next token to generate, and appending a token would change every position's "
+              "keys, which a KV cache assumes fixed; generate with a causal model (causal=True)")
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention; ``c_attn`` makes q, k, v in one matmul.
+
+    With ``causal=False`` the mask is dropped and every position attends to every other one
+    (bidirectional, as in an encoder); the weights and their names are the same.
 
     With ``n_kv_head < n_head`` (grouped-query attention) ``c_attn`` makes fewer key/value heads
     and each is shared by ``n_head / n_kv_head`` consecutive query heads; with ``position="rope"``
@@ -262,6 +280,7 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.attn_impl = config.attn_impl
+        self.causal = config.causal
         self.rope_theta = config.rope_theta if config.position == "rope" else None
         self.layer_idx = layer_idx  # which slice of a shared KVCache is ours
         kv_width = self.n_kv_head * self.head_dim
@@ -275,6 +294,8 @@ class CausalSelfAttention(nn.Module):
         """Return the attention output (B, T, C) and, if ``need_weights``, the attention
         probabilities (B, H, T, T_key) computed by the naive path. ``padding``: a left-padded
         batch's positions and mask (see :class:`Padding`)."""
+        if not self.causal and (kv_cache is not None or padding is not None):
+            raise ValueError(NOT_CAUSAL)
         B, T, C = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([C, G * D, G * D], dim=2)
@@ -305,11 +326,13 @@ class CausalSelfAttention(nn.Module):
     def _naive(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """softmax(q k^T / sqrt(d) + mask) v, spelled out: the reference for the fast path.
-        ``allowed`` replaces the causal mask (a padded batch's, see :class:`Padding`)."""
+        ``allowed`` replaces the causal mask (a padded batch's, see :class:`Padding`); a
+        bidirectional model (``causal=False``) masks nothing."""
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-        if allowed is None:
+        if allowed is None and self.causal:
             allowed = causal_mask(q.size(2), k.size(2), q.device)
-        att = att.masked_fill(~allowed, float("-inf"))
+        if allowed is not None:
+            att = att.masked_fill(~allowed, float("-inf"))
         att = F.softmax(att, dim=-1)
         return self.attn_dropout(att) @ v, att
 
@@ -317,6 +340,8 @@ class CausalSelfAttention(nn.Module):
               allowed: torch.Tensor | None = None) -> torch.Tensor:
         """PyTorch's fused attention (flash / memory-efficient kernels on GPUs)."""
         dropout_p = self.dropout if self.training else 0.0
+        if not self.causal:  # bidirectional: every query sees every key
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=False)
         if allowed is not None:  # a padded batch: its own mask (flash takes none; another kernel runs)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
         t_query, t_key = q.size(2), k.size(2)
@@ -435,9 +460,15 @@ class GPT(nn.Module):
           target counts and return ``(None, loss)``, the same loss for less work where most targets
           are -100 (SFT's prompts). The selection's shape depends on the data: eager mode only.
 
+        A bidirectional model (``config.causal=False``) returns at every position logits for the
+        token *at* that position (a masked language model's guess for a masked token), and
+        refuses ``kv_cache``, ``last_only`` and ``attention_mask``, which only generation needs.
+
         Returns ``(logits, loss)``, or ``(logits, loss, attentions)`` with ``return_attention``;
         ``loss`` is None without targets.
         """
+        if not self.config.causal and (kv_cache is not None or last_only or attention_mask is not None):
+            raise ValueError(NOT_CAUSAL)
         x, attentions = self._trunk(idx, kv_cache, return_attention, prefix, attention_mask)
         if prefix is not None:
             x = x[:, prefix.size(1):]
@@ -529,6 +560,8 @@ class GPT(nn.Module):
                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_len`` (default block_size)."""
         c = self.config
+        if not c.causal:
+            raise ValueError(NOT_CAUSAL)
         p = self.transformer.wte.weight
         return KVCache(c.n_layer, batch_size, c.kv_heads, min(max_len or c.block_size, c.block_size),
                        c.head_dim, dtype=dtype or p.dtype, device=device or p.device)
@@ -632,7 +665,7 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
 def _require_gpt2_block(config: GPTConfig) -> None:
     """GPT-2's weights and layout exist only for GPT-2's block: say which switch is off."""
     if not config.is_gpt2:
-        changed = {k: getattr(config, k) for k in ("norm", "mlp", "position", "n_kv_head")
+        changed = {k: getattr(config, k) for k in ("norm", "mlp", "position", "n_kv_head", "causal")
                    if getattr(config, k) != getattr(GPTConfig, k)}
         raise ValueError(f"the GPT-2 layout needs GPT-2's block, but this config sets {changed}; "
-                         "use norm='layernorm', mlp='gelu', position='learned', n_kv_head=None")
+                         "use norm='layernorm', mlp='gelu', position='learned', n_kv_head=None, causal=True")

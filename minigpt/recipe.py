@@ -39,7 +39,9 @@ _POSITIVE = ("tokenizer.corpus_chars", "tokenizer.vocab_size", "model.n_layer", 
              "instruct.max_tokens", "instruct.n_test",
              "rlhf.ppo.batch_size", "rlhf.dpo.batch_size", "rlhf.grpo.prompts_per_step", "classify.batch_size",
              "classify.lora_rank", "generation.rows", "blocks.batch_size", "continual.batch_size",
-             "continual.lora_rank", "vision.patch", "vision.batch_size")
+             "continual.lora_rank", "vision.patch", "vision.batch_size", "objectives.n_layer",
+             "objectives.n_head", "objectives.n_embd", "objectives.block_size", "objectives.steps",
+             "objectives.batch_size", "objectives.n_test")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,27 @@ class TokenizerRecipe:
     kind: str  # "bpe" (trained on the corpus to vocab_size) or "gpt2"
     corpus_chars: int  # characters of the corpus's training text the BPE learns from
     vocab_size: int  # 256 byte tokens + merges + specials (the padded model vocabulary for "gpt2")
+
+
+@dataclass(frozen=True)
+class ObjectivesRecipe:
+    """Chapter 0: one tiny GPT shape trained twice on Shakespeare's characters, with GPT's causal
+    objective and with BERT's masked one (:func:`minigpt.objectives.compare_objectives`)."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int  # characters per window
+    steps: int  # each model's optimizer steps
+    batch_size: int  # windows per step
+    learning_rate: float
+    n_test: int  # held-out windows scored (evenly spaced over the last tenth of the text)
+    # An encoder can locate a masked token's neighbours from the position embeddings alone (a
+    # causal mask also tells a position how many tokens precede it). RoPE hands attention their
+    # distance; with GPT-2's learned table the masked model of `ci` was still guessing the commonest
+    # character after its 300 steps (chapter 0, exercise 4).
+    position: str = "rope"
+    mask_rate: float = 0.15  # BERT's share of positions to restore
 
 
 @dataclass(frozen=True)
@@ -214,13 +237,16 @@ class BlocksRecipe:
 class ContinualRecipe:
     """Chapter 10: learning task B after task A (warmup is SFT's)."""
 
-    n_train_b: int  # review questions to learn
+    n_train_b: int  # comparisons to learn ("Which is larger, 37 or 48?")
+    max_operand: int  # B's numbers are 0..max_operand
     batch_size: int  # conversations per step
     n_test_a: int | None  # held-out arithmetic problems (None: as many as the RLHF stages use)
-    n_test_b: int  # held-out review questions
+    n_test_b: int  # held-out comparisons
     steps: int  # task B, sequential and replay
     learning_rate: float
     replay: float  # the fraction of the B-stage data that is A's, replayed
+    ewc_strength: float  # EWC's lambda: how hard each weight is pulled back to A's, per unit of Fisher
+    fisher_examples: int  # A's training conversations the Fisher information is averaged over
     lora_steps: int
     lora_learning_rate: float
     lora_rank: int
@@ -247,6 +273,7 @@ class Recipe:
     compile: bool  # torch.compile the model where it pays off
     tokenizer: TokenizerRecipe
     model: ModelRecipe
+    objectives: ObjectivesRecipe
     pretrain: PretrainRecipe
     sft: SFTRecipe
     lora: LoRARecipe
@@ -274,6 +301,11 @@ class Recipe:
             raise ValueError(f"pretrain.corpus={self.pretrain.corpus!r} is not a corpus; choose one of {', '.join(CORPORA)}")
         if self.model.n_embd % self.model.n_head:
             raise ValueError(f"model.n_embd={self.model.n_embd} must be a multiple of model.n_head={self.model.n_head}")
+        if not 0 < self.objectives.mask_rate <= 1:
+            raise ValueError(f"objectives.mask_rate={self.objectives.mask_rate} must be in (0, 1]")
+        if self.objectives.n_embd % self.objectives.n_head:
+            raise ValueError(f"objectives.n_embd={self.objectives.n_embd} must be a multiple of "
+                             f"objectives.n_head={self.objectives.n_head}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
         if self.tokenizer.kind not in ("bpe", "gpt2"):
@@ -304,6 +336,8 @@ RECIPES: dict[str, Recipe] = {
         name="ci", device="cpu", dtype="auto", compile=False,
         tokenizer=TokenizerRecipe(kind="bpe", corpus_chars=200_000, vocab_size=512),
         model=ModelRecipe(n_layer=2, n_head=2, n_embd=64, block_size=64),
+        objectives=ObjectivesRecipe(n_layer=2, n_head=2, n_embd=64, block_size=32, steps=300, batch_size=16,
+                                    learning_rate=3e-3, n_test=2000),
         pretrain=PretrainRecipe(corpus="shakespeare", batch_size=8, total_batch_tokens=8 * 64, steps=100,
                                 warmup_steps=10, learning_rate=3e-3, eval_interval=50, experiment_steps=6,
                                 sgd_learning_rate=0.3),
@@ -328,8 +362,10 @@ RECIPES: dict[str, Recipe] = {
                                 max_clauses=2),
         generation=GenerationRecipe(rows=8, timing_reps=15),
         blocks=BlocksRecipe(steps=100, batch_size=2),
-        continual=ContinualRecipe(n_train_b=2000, batch_size=32, n_test_a=None, n_test_b=200, steps=60,
-                                  learning_rate=3e-3, replay=0.5, lora_steps=200, lora_learning_rate=1e-2,
+        continual=ContinualRecipe(n_train_b=2000, max_operand=99, batch_size=32, n_test_a=None, n_test_b=200,
+                                  steps=60,
+                                  learning_rate=3e-3, replay=0.5, ewc_strength=1e4, fisher_examples=200,
+                                  lora_steps=200, lora_learning_rate=1e-2,
                                   lora_rank=4),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=6e-3),
     ),
@@ -337,6 +373,8 @@ RECIPES: dict[str, Recipe] = {
         name="cpu", device="cpu", dtype="auto", compile=False,
         tokenizer=TokenizerRecipe(kind="bpe", corpus_chars=2_000_000, vocab_size=2048),
         model=ModelRecipe(n_layer=4, n_head=4, n_embd=128, block_size=128),
+        objectives=ObjectivesRecipe(n_layer=2, n_head=2, n_embd=64, block_size=32, steps=600, batch_size=32,
+                                    learning_rate=3e-3, n_test=5000),
         pretrain=PretrainRecipe(corpus="shakespeare", batch_size=16, total_batch_tokens=16 * 128, steps=2000,
                                 warmup_steps=100, learning_rate=2e-3, eval_interval=250, experiment_steps=125,
                                 sgd_learning_rate=0.3),
@@ -353,8 +391,10 @@ RECIPES: dict[str, Recipe] = {
                                 head_learning_rate=1e-2, lora_learning_rate=5e-3, lora_rank=4, warmup_steps=20),
         generation=GenerationRecipe(rows=8, timing_reps=40),
         blocks=BlocksRecipe(steps=100, batch_size=2),
-        continual=ContinualRecipe(n_train_b=4000, batch_size=32, n_test_a=300, n_test_b=300, steps=150,
-                                  learning_rate=2e-3, replay=0.5, lora_steps=150, lora_learning_rate=1e-2,
+        continual=ContinualRecipe(n_train_b=4000, max_operand=99, batch_size=32, n_test_a=300, n_test_b=300,
+                                  steps=400,
+                                  learning_rate=2e-3, replay=0.5, ewc_strength=300.0, fisher_examples=500,
+                                  lora_steps=400, lora_learning_rate=1e-2,
                                   lora_rank=8),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=4e-3),
     ),
@@ -362,6 +402,8 @@ RECIPES: dict[str, Recipe] = {
         name="gpu", device="cuda", dtype="auto", compile=True,
         tokenizer=TokenizerRecipe(kind="bpe", corpus_chars=20_000_000, vocab_size=8192),
         model=ModelRecipe(n_layer=6, n_head=6, n_embd=384, block_size=256),
+        objectives=ObjectivesRecipe(n_layer=4, n_head=4, n_embd=128, block_size=64, steps=2000, batch_size=64,
+                                    learning_rate=2e-3, n_test=10000),
         pretrain=PretrainRecipe(corpus="tinystories", batch_size=64, total_batch_tokens=64 * 256, steps=5000,
                                 warmup_steps=200, learning_rate=1e-3, eval_interval=250, experiment_steps=312,
                                 sgd_learning_rate=0.3),
@@ -379,8 +421,10 @@ RECIPES: dict[str, Recipe] = {
                                 head_learning_rate=1e-2, lora_learning_rate=3e-3, lora_rank=8, warmup_steps=50),
         generation=GenerationRecipe(rows=8, timing_reps=40),
         blocks=BlocksRecipe(steps=100, batch_size=8),
-        continual=ContinualRecipe(n_train_b=20000, batch_size=64, n_test_a=1000, n_test_b=1000, steps=1000,
-                                  learning_rate=5e-4, replay=0.5, lora_steps=1500, lora_learning_rate=3e-3,
+        continual=ContinualRecipe(n_train_b=8000, max_operand=99, batch_size=64, n_test_a=1000, n_test_b=900,
+                                  steps=1000,
+                                  learning_rate=5e-4, replay=0.5, ewc_strength=300.0, fisher_examples=1000,
+                                  lora_steps=1500, lora_learning_rate=3e-3,
                                   lora_rank=16),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=2e-3),
     ),
@@ -388,6 +432,8 @@ RECIPES: dict[str, Recipe] = {
         name="full", device="cuda", dtype="auto", compile=True,
         tokenizer=TokenizerRecipe(kind="gpt2", corpus_chars=100_000_000, vocab_size=50304),
         model=ModelRecipe(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+        objectives=ObjectivesRecipe(n_layer=4, n_head=4, n_embd=128, block_size=64, steps=2000, batch_size=64,
+                                    learning_rate=2e-3, n_test=10000),
         # GPT-3 paper's 125M recipe: 0.5M-token batches, 10B tokens, 375M-token warmup.
         pretrain=PretrainRecipe(corpus="fineweb-edu", batch_size=64, total_batch_tokens=524_288, steps=19073,
                                 warmup_steps=715, learning_rate=6e-4, eval_interval=250, experiment_steps=1192,
@@ -405,8 +451,10 @@ RECIPES: dict[str, Recipe] = {
                                 head_learning_rate=1e-2, lora_learning_rate=1e-3, lora_rank=16, warmup_steps=50),
         generation=GenerationRecipe(rows=8, timing_reps=40),
         blocks=BlocksRecipe(steps=100, batch_size=8),
-        continual=ContinualRecipe(n_train_b=20000, batch_size=64, n_test_a=1000, n_test_b=1000, steps=1000,
-                                  learning_rate=2e-4, replay=0.5, lora_steps=1500, lora_learning_rate=2e-3,
+        continual=ContinualRecipe(n_train_b=8000, max_operand=99, batch_size=64, n_test_a=1000, n_test_b=900,
+                                  steps=1000,
+                                  learning_rate=2e-4, replay=0.5, ewc_strength=300.0, fisher_examples=1000,
+                                  lora_steps=1500, lora_learning_rate=2e-3,
                                   lora_rank=16),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=1.2e-3),
     ),

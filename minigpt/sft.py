@@ -36,7 +36,7 @@ import copy
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,7 +365,7 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
         lora: bool | Mapping[str, Any] | None = None, stage: Stage = "sft",
         too_long: TooLong = "error", resume: bool = True, progress: bool = True,
         batch_size: int | None = None, stop_at: int | None = None, keep_steps: Sequence[int] = (),
-        **train_overrides: Any) -> SFTRun:
+        penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, **train_overrides: Any) -> SFTRun:
     """Fine-tune ``base`` (see :func:`load_base`) on ``train`` and measure exact match on ``test``.
 
     The data default to ``task``'s train and held-out splits (:func:`task_data`). ``lora=True``
@@ -380,7 +380,9 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     are :class:`~minigpt.train.TrainConfig` fields; ``batch_size`` (conversations per micro-batch)
     overrides the stage's ``batch_size`` in the recipe. ``stop_at`` and ``keep_steps`` go to
     :meth:`~minigpt.train.Trainer.fit`: stop early at that step of the schedule (a later call
-    continues onto the same curve), keep the checkpoints of those steps.
+    continues onto the same curve), keep the checkpoints of those steps. ``penalty`` goes to the
+    :class:`~minigpt.train.Trainer`: a term of the weights added to every step's loss (EWC in
+    :mod:`minigpt.continual`); ``run.json`` does not record it.
 
     ``stage="chat"`` trains the chat model (:func:`minigpt.chatbot.train_chat` gives it its data),
     ``stage="instruct"`` GPT-2 on an instruction set (:func:`minigpt.chatbot.train_instruct`): the
@@ -435,7 +437,8 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
         if ddp.is_main:
             begin_run(out, info, resume=resume)
             tok.save(out / "tokenizer.bpe")
-        trainer = Trainer(model, cfg, source, val, device=device, out_dir=out, ddp=ddp, sample=sample)
+        trainer = Trainer(model, cfg, source, val, device=device, out_dir=out, ddp=ddp, sample=sample,
+                          penalty=penalty)
         if resume and trainer.resume() and ddp.is_main:
             print(f"resumed from {trainer.checkpoint_path} at step {trainer.step}")
         if ddp.is_main:

@@ -55,6 +55,37 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, int]) -> None: ...
 
 
+class SeededBatches:
+    """A :class:`BatchSource` that draws batch ``i`` as ``self.sample(self.batch_size, generator)``
+    with a generator seeded from ``(seed, i)``: its whole position is ``i``, so a resumed run draws
+    the very same batches. A subclass sets ``seed``, ``batch_size`` and ``index = 0`` and defines
+    ``sample`` (a synthetic task such as :class:`minigpt.tasks.CopyTask`)."""
+
+    seed: int
+    batch_size: int
+    index: int
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index)
+        self.index += 1
+        return self.sample(self.batch_size, generator)
+
+    def reset(self) -> None:
+        self.index = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"the saved data position is for seed={state['seed']}, but this source has "
+                             f"seed={self.seed}")
+        self.index = state["index"]
+
+
 @dataclass
 class TrainConfig:
     """Every optimisation setting; the CLI exposes each one as ``--name value``."""
@@ -215,8 +246,12 @@ class Trainer:
     def __init__(self, model: GPT, cfg: TrainConfig, train: BatchSource, val: BatchSource | None = None,
                  *, device: str = "cpu", out_dir: str | os.PathLike | None = None,
                  ddp: Distributed = Distributed(), bytes_per_token: float | None = None,
-                 sample: Callable[[GPT], str] | None = None) -> None:
+                 sample: Callable[[GPT], str] | None = None,
+                 penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> None:
         self.cfg, self.train_data, self.val_data = cfg, train, val
+        #: A term added to every step's loss, of the weights alone (EWC's pull towards an old
+        #: task's weights, :mod:`minigpt.continual`); logged as ``penalty``, apart from ``loss``.
+        self.penalty = penalty
         self.device, self.ddp = device, ddp
         self.device_type = "cuda" if device.startswith("cuda") else "cpu"
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -269,6 +304,7 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
+        record_penalty: torch.Tensor | None = None
         for micro in range(cfg.grad_accum):
             inputs, y = self._next_batch(self.train_data, non_blocking=True)
             tokens += inputs[-1].numel()
@@ -277,7 +313,12 @@ class Trainer:
             sync = nullcontext() if last or self.ddp.world_size == 1 else self.model.no_sync()
             with sync, self._autocast():
                 _, loss = self.model(*inputs, y, **self._loss_kwargs)
-            self.scaler.scale(loss / cfg.grad_accum).backward()
+            objective = loss
+            if self.penalty is not None:  # a share per micro-batch: once per step in all
+                penalty = self.penalty(self.raw_model)
+                objective = loss + penalty
+                record_penalty = penalty.detach()
+            self.scaler.scale(objective / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         # The norm is measured even with clipping off (an infinite bound): it shows a blow-up as it happens.
@@ -304,6 +345,8 @@ class Trainer:
         if self.peak_flops:
             flops = self.raw_model.flops_per_token() * tokens_per_s / self.ddp.world_size
             record["mfu"] = flops / self.peak_flops
+        if record_penalty is not None:
+            record["penalty"] = record_penalty.item()
         return record
 
     def _diverged(self, loss: float, grad_norm: float, lr: float) -> str:

@@ -1,9 +1,14 @@
+import re
+
 import pytest
 import torch
 
+from minigpt.chat import render
 from minigpt.continual import (
     METHODS,
     continual,
+    ewc_penalty,
+    fisher_diagonal,
     forgetting_table,
     replay_mix,
     without_adapters,
@@ -12,7 +17,8 @@ from minigpt.lora import apply_lora, merge
 from minigpt.model import GPT, GPTConfig
 from minigpt.rlhf.run import problems
 from minigpt.runs import trained
-from minigpt.tasks import SENTIMENTS, exact_match, review_questions, reviews
+from minigpt.sft import sft
+from minigpt.tasks import arithmetic, comparisons, exact_match
 
 
 def test_replay_mix_holds_all_new_examples_and_the_asked_share_of_old_ones():
@@ -31,11 +37,16 @@ def test_replay_mix_holds_all_new_examples_and_the_asked_share_of_old_ones():
         replay_mix(new, [], 0.5)
 
 
-def test_review_questions_ask_for_the_reviews_label():
-    convs, labeled = review_questions(100, seed=2), reviews(100, seed=2, max_clauses=2)
-    assert [c.answer for c in convs] == [SENTIMENTS[e.label] for e in labeled]
-    assert all(c.prompt[-1].content == f"{e.text} Positive, negative or mixed?" for c, e in zip(convs, labeled))
-    assert max(e.text.count(",") for e in labeled) == 1  # at most two clauses
+def test_comparisons_ask_for_the_larger_of_two_distinct_numbers_split_by_question():
+    train, test = comparisons(None, split="train", max_operand=20), comparisons(None, split="test", max_operand=20)
+    assert len(train) + len(test) == 21 * 20  # every ordered pair of distinct numbers, once
+    assert not {c.prompt[-1].content for c in train} & {c.prompt[-1].content for c in test}
+    for c in train:
+        a, b = map(int, re.fullmatch(r"Which is larger, (\d+) or (\d+)\?", c.prompt[-1].content).groups())
+        assert c.answer == str(max(a, b)) and a != b
+    assert comparisons(5, seed=1) == comparisons(5, seed=1) != comparisons(5, seed=2)
+    with pytest.raises(ValueError, match="at most"):
+        comparisons(len(test) + 1, split="test", max_operand=20)
 
 
 def test_without_adapters_gives_the_model_back_bit_for_bit():
@@ -58,20 +69,85 @@ def test_without_adapters_gives_the_model_back_bit_for_bit():
         without_adapters(rows)
 
 
+def test_fisher_diagonal_is_the_mean_squared_gradient_of_each_answers_log_likelihood(tok):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    convs = arithmetic(3, seed=0)
+    fisher = fisher_diagonal(model, tok, convs)
+    by_hand = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for conv in convs:  # one at a time: log p(answer) = -(sum of the answer tokens' losses)
+        ids, mask = render(conv, tok)
+        x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+        logp = -torch.nn.functional.cross_entropy(model(x)[0][0], y[0], reduction="none")[torch.tensor(mask[1:]) == 1].sum()
+        grads = torch.autograd.grad(logp, list(model.parameters()))
+        for (name, _), g in zip(model.named_parameters(), grads):
+            by_hand[name] += g ** 2 / len(convs)
+    assert fisher.keys() == by_hand.keys()
+    for name in fisher:
+        torch.testing.assert_close(fisher[name], by_hand[name], rtol=1e-4, atol=1e-10)
+    assert all(p.grad is None for p in model.parameters())  # it leaves no gradient behind
+    with pytest.raises(ValueError, match="at least one conversation"):
+        fisher_diagonal(model, tok, [])
+
+
+def test_ewc_penalty_is_a_spring_as_stiff_as_the_fisher_information():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=1, n_embd=8))
+    fisher = {name: torch.rand_like(p) for name, p in model.named_parameters()}
+    penalty = ewc_penalty(model, fisher, strength=3.0)
+    assert penalty(model).item() == 0.0  # at the old weights
+    moved = GPT(model.config)
+    moved.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    old = dict(model.named_parameters())
+    expected = sum((fisher[n] * (p - old[n]) ** 2).sum() for n, p in moved.named_parameters()) * 3.0 / 2
+    torch.testing.assert_close(penalty(moved), expected)
+    penalty(moved).backward()  # the gradient points away from the old weights: a step descends back
+    for name, p in moved.named_parameters():
+        torch.testing.assert_close(p.grad, 3.0 * fisher[name] * (p - old[name]).detach())
+    with pytest.raises(ValueError, match="strength"):
+        ewc_penalty(model, fisher, strength=-1.0)
+
+
+def test_a_zero_penalty_trains_bit_for_bit_as_none_and_a_stiff_one_holds_the_weights(ci, tok, tmp_path):
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    convs = arithmetic(64, seed=0)
+    fisher = {name: torch.ones_like(p) for name, p in base.named_parameters()}
+
+    def run(out, penalty):
+        r = sft(ci, base, tmp_path / out, tokenizer=tok, train=convs, test=convs[:4], progress=False, max_steps=6,
+                batch_size=8,
+                eval_interval=0, checkpoint_interval=0, sample_interval=0, log_interval=1, penalty=penalty)
+        moved = sum((p - q).abs().sum().item() for p, q in zip(r.model.parameters(), base.parameters()))
+        return [h["loss"] for h in r.history], [h.get("penalty") for h in r.history], moved
+
+    plain, no_penalty, moved_plain = run("plain", None)
+    zero, zero_penalty, moved_zero = run("zero", ewc_penalty(base, fisher, 0.0))
+    stiff, stiff_penalty, moved_stiff = run("stiff", ewc_penalty(base, fisher, 1e4))
+    assert zero == plain and moved_zero == moved_plain  # the loss logged is the task's, the step the same
+    assert no_penalty == [None] * 6 and zero_penalty == [0.0] * 6 and stiff_penalty[-1] > 0
+    assert moved_stiff < moved_plain / 2
+
+
 @pytest.mark.slow
 @pytest.mark.outcome
-def test_sequential_forgets_replay_forgets_less_and_removing_lora_restores_a(ci, tmp_path, outcome):
+def test_sequential_forgets_replay_and_ewc_forget_less_and_removing_lora_restores_a(ci, tmp_path, outcome):
     results = {r.method: r for r in continual(ci, tmp_path)}
     print(forgetting_table(results.values()))
     assert list(results) == list(METHODS)
-    seq, replay, lora = results["sequential"], results["replay"], results["lora"]
-    outcome.check("continual: task A exact match before B", seq.a_before, ">", 0.5)  # spread 0.923 .. 0.987 (5 runs)
-    outcome.check("continual: sequential, A after B", seq.a_after, "<", 0.2)  # spread 0.000 .. 0.084 (5 runs)
+    seq, replay, ewc, lora = (results[m] for m in ("sequential", "replay", "ewc", "lora"))
+    outcome.check("continual: task A exact match before B", seq.a_before, ">", 0.5)  # spread 0.813 .. 1.000 (6 runs)
+    outcome.check("continual: sequential, A after B", seq.a_after, "<", 0.3)  # spread 0.077 .. 0.155 (6 runs)
     outcome.check("continual: replay forgets less (forgetting - sequential's)", replay.forgetting - seq.forgetting,
-                  "<", -0.15)  # spread -0.819 .. -0.335 (5 runs)
-    # Each learned B, from its first evaluation on. Spread over seeds and threads (5 runs each):
-    # sequential -6.742 .. -3.521, replay -5.430 .. -3.311, LoRA -0.928 .. -0.530.
-    for r, bound in ((seq, -1.0), (replay, -1.0), (lora, -0.3)):
+                  "<", -0.15)  # spread -0.452 .. -0.252 (6 runs)
+    outcome.check("continual: EWC forgets less (forgetting - sequential's)", ewc.forgetting - seq.forgetting,
+                  "<", -0.1)  # spread -0.697 .. -0.200 (6 runs)
+    # Each learned B, from its first evaluation on. Spread over seeds and threads (6 runs each):
+    # sequential -1.730 .. -1.540, replay -2.315 .. -1.346, EWC -2.105 .. -0.921, LoRA -0.923 .. -0.640.
+    for r, bound in ((seq, -1.0), (replay, -0.9), (ewc, -0.5), (lora, -0.3)):
         val = [h["val_loss"] for h in r.run.history if "val_loss" in h]
         outcome.check(f"continual: {r.method}, B's validation loss change", val[-1] - val[0], "<", bound)
     model_a, tok = trained(ci, "sft")

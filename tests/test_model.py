@@ -10,7 +10,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from minigpt.errors import NetworkError
-from minigpt.model import GPT, Block, CausalSelfAttention, GPTConfig, KVCache, evaluating
+from minigpt.generate import generate
+from minigpt.model import GPT, Block, CausalSelfAttention, GPTConfig, KVCache, Padding, evaluating
 from minigpt.train import TrainConfig, Trainer
 
 SMALL = dict(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=64)
@@ -254,3 +255,59 @@ def test_evaluating_nests() -> None:
             assert not model.training
         assert not model.training  # the inner block gives back the outer one's mode: eval
     assert model.training
+
+
+# -- causal=False: a bidirectional model (an encoder, chapter 0) ---------------------------------
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_a_bidirectional_model_reads_later_tokens_and_a_causal_one_does_not(position: str) -> None:
+    idx = tokens(length=12)
+    later = idx.clone()
+    later[:, 6:] = (later[:, 6:] + 1) % SMALL["vocab_size"]  # change every token from position 6 on
+    for causal in (True, False):
+        model = small_gpt(causal=causal, position=position)
+        with torch.no_grad():
+            moved = (model(idx)[0] - model(later)[0]).abs().amax(-1)  # (B, T): how far each position's logits moved
+        if causal:
+            assert (moved[:, :6] == 0).all() and (moved[:, 6:] > 1e-4).all()
+        else:
+            assert (moved > 1e-4).all()  # position 0 too: it sees the whole input
+
+
+@pytest.mark.parametrize("length", [1, 7, 32])
+def test_naive_equals_sdpa_without_the_causal_mask(length: int) -> None:
+    sdpa, naive = small_gpt(attn_impl="sdpa", causal=False), small_gpt(attn_impl="naive", causal=False)
+    idx = tokens(length=length)
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(idx)[0], naive(idx)[0], atol=1e-5, rtol=1e-5)
+        _, _, atts = naive(idx, return_attention=True)
+    for att in atts:  # full rows: every query weights every key, and each row sums to 1
+        torch.testing.assert_close(att.sum(-1), torch.ones(3, SMALL["n_head"], length))
+        assert (att > 0).all()
+
+
+def test_a_bidirectional_model_has_the_same_parameters_and_refuses_to_generate() -> None:
+    causal, encoder = small_gpt(), small_gpt(causal=False)
+    assert causal.state_dict().keys() == encoder.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(causal.state_dict().values(), encoder.state_dict().values()))
+    assert causal.config.is_gpt2 and not encoder.config.is_gpt2
+    idx = tokens(length=8)
+    why = r"bidirectional \(causal=False.*no next token to generate"
+    with pytest.raises(ValueError, match=why):
+        encoder.new_kv_cache(3)
+    with pytest.raises(ValueError, match=why):
+        encoder(idx, kv_cache=KVCache(2, 3, 4, 32, 16, dtype=torch.float32, device="cpu"))
+    with pytest.raises(ValueError, match=why):
+        encoder(idx, last_only=True)
+    with pytest.raises(ValueError, match=why):
+        encoder(idx, attention_mask=torch.ones_like(idx))
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match=why):
+            generate(encoder, idx, 4, use_cache=use_cache)
+    attn = encoder.transformer.h[0].attn
+    with pytest.raises(ValueError, match=why):
+        attn(torch.randn(3, 8, SMALL["n_embd"]), padding=Padding.of(torch.ones(3, 8, dtype=torch.bool), 8))
+    with pytest.raises(ValueError, match=r"GPT-2's block, but this config sets \{'causal': False\}"):
+        encoder.to_hf_state_dict()
+    with pytest.raises(ValueError, match="causal='yes' must be True"):
+        GPTConfig(**SMALL, causal="yes")  # type: ignore[arg-type]

@@ -17,13 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
+from minigpt.train import SeededBatches
+
 __all__ = ["CopyTask"]
 
 SYMBOLS = "abcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass
-class CopyTask:
+class CopyTask(SeededBatches):
     """Rows of ``length`` random symbols, a separator, and the same symbols again.
 
     Symbols are ids ``0 .. vocab_size - 2`` (shown as letters), the separator is ``vocab_size - 1``
@@ -86,19 +88,3 @@ class CopyTask:
         """Readable labels: a letter per symbol, ``|`` for the separator."""
         return ["|" if i == self.separator else SYMBOLS[i] for i in torch.as_tensor(ids).tolist()]
 
-    # -- a batch source for minigpt.train.Trainer -------------------------------------------
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index)
-        self.index += 1
-        return self.sample(self.batch_size, generator)
-
-    def reset(self) -> None:
-        self.index = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"index": self.index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"the saved data position is for seed={state['seed']}, but this task has seed={self.seed}")
-        self.index = state["index"]

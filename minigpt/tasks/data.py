@@ -4,6 +4,7 @@ Offline, every example comes from a small seeded program, so a test can assert t
 really worked (exact match on held-out questions) instead of eyeballing samples:
 
 * :func:`arithmetic` -- "What is 37 + 48?" -> "85" (sums and differences of small numbers);
+* :func:`comparisons` -- "Which is larger, 37 or 48?" -> "48" (the same numbers, another rule);
 * :func:`world_qa` -- a little generated world in the system message ("Alice lives in Oslo.
   Alice has a cat. ...") and questions about it, sometimes two turns long;
 * :func:`string_tasks` -- reverse, spell in capitals, count the letters of made-up words.
@@ -93,6 +94,25 @@ def arithmetic(n: int | None = None, *, split: str = "train", seed: int = 0, max
         if n > len(chosen):
             raise ValueError(f"the {split} split has {len(chosen)} problems with max_operand={max_operand} "
                              f"and ops={ops!r}; ask for at most that many, or raise max_operand")
+        chosen = chosen[:n]
+    return [Conversation.single(q, ans) for q, ans in chosen]
+
+
+def comparisons(n: int | None = None, *, split: str = "train", seed: int = 0,
+                max_operand: int = 99) -> list[Conversation]:
+    """"Which is larger, 37 or 48?" -> "48", for distinct integers 0..``max_operand``: the same
+    kind of question as :func:`arithmetic`, two numbers in, one number out, by another rule (a
+    second task that competes with it for the same weights: continual learning, chapter 10).
+    Enumerated, split by question and drawn as :func:`arithmetic` does."""
+    _check_split(split)
+    questions = [(f"Which is larger, {a} or {b}?", str(max(a, b)))
+                 for a in range(max_operand + 1) for b in range(max_operand + 1) if a != b]
+    chosen = [(q, ans) for q, ans in questions if split_of(q) == split]
+    random.Random(seed).shuffle(chosen)
+    if n is not None:
+        if n > len(chosen):
+            raise ValueError(f"the {split} split has {len(chosen)} comparisons with max_operand={max_operand}; "
+                             "ask for at most that many, or raise max_operand")
         chosen = chosen[:n]
     return [Conversation.single(q, ans) for q, ans in chosen]
 
@@ -267,14 +287,6 @@ def reviews(n: int, *, split: str = "train", seed: int = 0, negation: float = 0.
         return text, Labeled(text, 1 + (score > 0) - (score < 0))
 
     return _sample(make, n, split, seed)
-
-
-def review_questions(n: int, *, split: str = "train", seed: int = 0, max_clauses: int = 2) -> list[Conversation]:
-    """:func:`reviews` of up to ``max_clauses`` clauses (two fit the smallest profile's context) put
-    to a chat model: the review and "Positive, negative or mixed?", answered with the label's name
-    (continual learning's second task: words where arithmetic had digits)."""
-    return [Conversation.single(f"{ex.text} Positive, negative or mixed?", SENTIMENTS[ex.label])
-            for ex in reviews(n, split=split, seed=seed, max_clauses=max_clauses)]
 
 
 def entity_tags(n: int, *, split: str = "train", seed: int = 0, sentences: int = 2) -> list[Tagged]:
