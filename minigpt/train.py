@@ -59,7 +59,7 @@ class SeededBatches:
     """A :class:`BatchSource` that draws batch ``i`` as ``self.sample(self.batch_size, generator)``
     with a generator seeded from ``(seed, i)``: its whole position is ``i``, so a resumed run draws
     the very same batches. A subclass sets ``seed``, ``batch_size`` and ``index = 0`` and defines
-    ``sample`` (a synthetic task such as :class:`minigpt.tasks.CopyTask`)."""
+    ``sample`` (a synthetic task such as :class:`minigpt.tasks.copying.CopyTask`)."""
 
     seed: int
     batch_size: int
