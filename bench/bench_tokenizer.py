@@ -108,6 +108,12 @@ def main() -> None:
     print(f"encode_batch minigpt, {len(paragraphs):,} paragraphs:  {mb / t_b:7.2f} MB/s")
     print(f"encode_batch HF, same paragraphs:         {mb / t_hf_b:7.2f} MB/s")
     print(f"encode_batch ratio minigpt/HF:            {t_hf_b / t_b:7.1f}x faster")
+    t_b1, one = seconds(lambda: tok.encode_batch(paragraphs, num_threads=1), rounds)
+    t_tt, tt_ids = seconds(lambda: tok.encoding.encode_batch(paragraphs, disallowed_special=()), rounds)
+    assert one == tt_ids == b_ids
+    print(f"encode_batch minigpt, 1 thread:           {mb / t_b1:7.2f} MB/s ({t_enc / t_b1:.2f} of one string's rate)")
+    print(f"encode_batch minigpt threads / 1 thread:  {t_b1 / t_b:7.2f}x")
+    print(f"encode_batch tiktoken's (a task per text): {mb / t_tt:6.2f} MB/s")
 
     sample = text[:200_000]
     t_slow, slow_ids = seconds(lambda: tok.encode_slow(sample))

@@ -144,6 +144,13 @@ def test_fast_equals_slow_on_training_text(tok: BPETokenizer, corpus: str) -> No
     assert tok.encode_batch(parts) == [tok.encode(p) for p in parts]
 
 
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 64])
+def test_encode_batch_keeps_the_order_across_threads(tok: BPETokenizer, corpus: str, num_threads: int) -> None:
+    parts = corpus.split("\n")[:101]  # not a multiple of the threads: the last run is shorter
+    assert tok.encode_batch(parts, num_threads=num_threads) == [tok.encode(p) for p in parts]
+    assert tok.encode_batch([], num_threads=num_threads) == []
+
+
 def test_bpe_compresses(tok: BPETokenizer, corpus: str) -> None:
     assert len(corpus.encode()) / len(tok.encode(corpus)) > 2.0
 
