@@ -149,6 +149,9 @@ def test_encode_batch_keeps_the_order_across_threads(tok: BPETokenizer, corpus: 
     parts = corpus.split("\n")[:101]  # not a multiple of the threads: the last run is shorter
     assert tok.encode_batch(parts, num_threads=num_threads) == [tok.encode(p) for p in parts]
     assert tok.encode_batch([], num_threads=num_threads) == []
+    with pytest.raises(ValueError, match="special token"):  # found in whichever thread has it
+        tok.encode_batch([*parts, f"x{EOT}"], num_threads=num_threads)
+    assert tok.encode_batch([*parts, EOT], "all", num_threads=num_threads)[-1] == [tok.special_tokens[EOT]]
 
 
 def test_bpe_compresses(tok: BPETokenizer, corpus: str) -> None:
