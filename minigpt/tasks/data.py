@@ -88,14 +88,7 @@ def arithmetic(n: int | None = None, *, split: str = "train", seed: int = 0, max
     problems = [(a, op, b) for op in ops for a in range(max_operand + 1) for b in range(max_operand + 1)
                 if op == "+" or a >= b]
     questions = [(f"What is {a} {op} {b}?", str(a + b if op == "+" else a - b)) for a, op, b in problems]
-    chosen = [(q, ans) for q, ans in questions if split_of(q) == split]
-    random.Random(seed).shuffle(chosen)
-    if n is not None:
-        if n > len(chosen):
-            raise ValueError(f"the {split} split has {len(chosen)} problems with max_operand={max_operand} "
-                             f"and ops={ops!r}; ask for at most that many, or raise max_operand")
-        chosen = chosen[:n]
-    return [Conversation.single(q, ans) for q, ans in chosen]
+    return _draw(questions, n, split, seed, f"problems with max_operand={max_operand} and ops={ops!r}")
 
 
 def comparisons(n: int | None = None, *, split: str = "train", seed: int = 0,
@@ -107,12 +100,18 @@ def comparisons(n: int | None = None, *, split: str = "train", seed: int = 0,
     _check_split(split)
     questions = [(f"Which is larger, {a} or {b}?", str(max(a, b)))
                  for a in range(max_operand + 1) for b in range(max_operand + 1) if a != b]
+    return _draw(questions, n, split, seed, f"comparisons with max_operand={max_operand}")
+
+
+def _draw(questions: list[tuple[str, str]], n: int | None, split: str, seed: int, what: str) -> list[Conversation]:
+    """``n`` of the enumerated ``(question, answer)`` pairs whose question falls in ``split``,
+    drawn with ``seed`` (all of them, shuffled, when ``n`` is None), as conversations."""
     chosen = [(q, ans) for q, ans in questions if split_of(q) == split]
     random.Random(seed).shuffle(chosen)
     if n is not None:
         if n > len(chosen):
-            raise ValueError(f"the {split} split has {len(chosen)} comparisons with max_operand={max_operand}; "
-                             "ask for at most that many, or raise max_operand")
+            raise ValueError(f"the {split} split has {len(chosen)} {what}; ask for at most that many, "
+                             "or raise max_operand")
         chosen = chosen[:n]
     return [Conversation.single(q, ans) for q, ans in chosen]
 
