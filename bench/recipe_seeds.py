@@ -4,7 +4,7 @@ The book quotes one run of each stage; a target counts only where every seed mee
 script runs the chain that chapters 4 to 6 build (pretraining, full SFT, LoRA, the reward model,
 PPO, DPO + NLL and GRPO) at one seed and thread count and prints each outcome against its target.
 
-    OMP_NUM_THREADS=1 python bench/recipe_seeds.py --profile cpu --seed 2 [--out runs/seeds]
+    OMP_NUM_THREADS=1 python bench/recipe_seeds.py --profile cpu --seed 2 [--out runs/seeds] [--skip lora]
 
 Each (profile, seed, threads) gets its own folder under ``--out`` (cache and stage runs), and
 the last line is the outcomes as JSON, for a table over seeds. Takes ~30 minutes at ``cpu``.
@@ -35,6 +35,8 @@ TARGETS: list[tuple[str, str, float]] = [
     ("grpo_exact_match_gain", ">=", 0.15),
     ("grpo_kl", "<", 1.0),
 ]
+#: Every stage but pretraining and full SFT, which the others start from.
+_SKIPPABLE = ("lora", "reward", "ppo", "dpo", "grpo")
 _OPS: dict[str, Callable[[float, float], bool]] = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__,
                                                    ">": float.__gt__}
 
@@ -44,6 +46,8 @@ def main() -> None:
     p.add_argument("--profile", default="cpu")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", default="runs/seeds", help="parent folder of this seed's cache and runs")
+    p.add_argument("--skip", nargs="*", default=[], choices=_SKIPPABLE,
+                   help="stages left out, with their outcomes (ppo goes with reward): those a change leaves alone")
     args = p.parse_args()
     threads = torch.get_num_threads()
     folder = Path(args.out) / f"{args.profile}-seed{args.seed}-threads{threads}"
@@ -66,32 +70,30 @@ def main() -> None:
 
     pre = timed("pretrain", lambda: open_run(find_or_make(r, "pretrain")))
     full = timed("sft", lambda: open_run(find_or_make(r, "sft")))
-    lora = timed("lora", lambda: sft(r, None, folder / "lora", lora=True, progress=False))
-    rm = timed("reward", lambda: run_reward(r, folder / "reward"))
-    ppo = timed("ppo", lambda: run_ppo(r, folder / "ppo", rm.model))
-    dpo = timed("dpo", lambda: run_dpo(r, folder / "dpo"))
-    grpo = timed("grpo", lambda: run_grpo(r, folder / "grpo"))
-
-    last_eval = [h for h in pre.history if "val_nats_per_byte" in h][-1]
     sft_em = full.info.extra["exact_match"]
-    got = {
-        "pretrain_nats_per_byte": last_eval["val_nats_per_byte"],
-        "sft_exact_match": sft_em,
-        "lora_exact_match": lora.exact_match,
-        "lora_gap": sft_em - lora.exact_match,
-        "rl_start_exact_match": dpo.summary["exact_match_before"],
-        "reward_pair_accuracy": rm.summary["pair_accuracy"],
-        "ppo_true_reward_before": ppo.summary["true_reward_before"],
-        "ppo_true_reward_gain": ppo.summary["true_reward_after"] - ppo.summary["true_reward_before"],
-        "ppo_kl": ppo.summary["kl"],
-        "dpo_pair_accuracy": dpo.summary["pair_accuracy"],
-        "dpo_exact_match": dpo.summary["exact_match"],
-        "dpo_exact_match_minus_start": dpo.summary["exact_match"] - dpo.summary["exact_match_before"],
-        "grpo_sampled_before": grpo.summary["sampled_accuracy_before"],
-        "grpo_sampled_gain": grpo.summary["sampled_accuracy"] - grpo.summary["sampled_accuracy_before"],
-        "grpo_exact_match_gain": grpo.summary["exact_match"] - grpo.summary["exact_match_before"],
-        "grpo_kl": grpo.summary["kl"],
-    }
+    got = {"pretrain_nats_per_byte": [h for h in pre.history if "val_nats_per_byte" in h][-1]["val_nats_per_byte"],
+           "sft_exact_match": sft_em}
+    if "lora" not in args.skip:
+        lora = timed("lora", lambda: sft(r, None, folder / "lora", lora=True, progress=False))
+        got.update(lora_exact_match=lora.exact_match, lora_gap=sft_em - lora.exact_match)
+    if "reward" not in args.skip:
+        rm = timed("reward", lambda: run_reward(r, folder / "reward"))
+        got.update(reward_pair_accuracy=rm.summary["pair_accuracy"])
+        if "ppo" not in args.skip:  # PPO optimises against that reward model
+            ppo = timed("ppo", lambda: run_ppo(r, folder / "ppo", rm.model)).summary
+            got.update(ppo_true_reward_before=ppo["true_reward_before"],
+                       ppo_true_reward_gain=ppo["true_reward_after"] - ppo["true_reward_before"], ppo_kl=ppo["kl"])
+    if "dpo" not in args.skip:
+        dpo = timed("dpo", lambda: run_dpo(r, folder / "dpo")).summary
+        got.update(rl_start_exact_match=dpo["exact_match_before"], dpo_pair_accuracy=dpo["pair_accuracy"],
+                   dpo_exact_match=dpo["exact_match"],
+                   dpo_exact_match_minus_start=dpo["exact_match"] - dpo["exact_match_before"])
+    if "grpo" not in args.skip:
+        grpo = timed("grpo", lambda: run_grpo(r, folder / "grpo")).summary
+        got.update(rl_start_exact_match=grpo["exact_match_before"],
+                   grpo_sampled_before=grpo["sampled_accuracy_before"],
+                   grpo_sampled_gain=grpo["sampled_accuracy"] - grpo["sampled_accuracy_before"],
+                   grpo_exact_match_gain=grpo["exact_match"] - grpo["exact_match_before"], grpo_kl=grpo["kl"])
     print(f"\n{args.profile}, seed {args.seed}, {threads} thread(s)")
     for name, value in got.items():
         target = next(((op, bound) for n, op, bound in TARGETS if n == name), None)
