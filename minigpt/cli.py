@@ -140,6 +140,29 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
         print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
 
 
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from minigpt.pretrain import prepare_data
+    from minigpt.shards import read_shard
+
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers} must be at least 1 (or 0 for one per core)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("prepare runs as one process and starts its own workers; run it without torchrun")
+    r, _ = _recipe_and_train(args)
+    _prepare_out(args.out, folder=True)
+    _print_recipe(r, ["tokenizer", "pretrain"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = args.workers or cores
+    start = time.perf_counter()
+    tok, prepared = prepare_data(r, args.out, workers=workers)
+    tokens = {split: sum(len(read_shard(p)) for p in paths) for split, paths in
+              (("train", prepared.train), ("val", prepared.val))}
+    print(f"{args.out}: {tokens['train']:,} training and {tokens['val']:,} validation tokens in "
+          f"{len(prepared.train) + len(prepared.val)} shard(s), vocabulary {tok.vocab_size:,}, "
+          f"{prepared.bytes_per_token:.2f} bytes per token ({time.perf_counter() - start:,.0f} s with {workers} "
+          f"worker(s)); train with `minigpt pretrain --profile {r.name} --out {args.out}` (torchrun too)")
+
+
 #: ``--lang``'s short codes, as the corpus names its languages (any other name of the corpus works as is).
 LANGUAGE_CODES = {"en": "english", "zh": "chinese"}
 
@@ -284,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("tokenizer", help="a file written by `minigpt tokenizer train`")
     e.add_argument("text")
     e.set_defaults(func=_cmd_tokenizer_encode)
+
+    t = sub.add_parser("prepare", help="tokenize the recipe's corpus into token shards, on every core",
+                       description="The step before pretraining: trains the recipe's tokenizer (or takes GPT-2's) "
+                                   "and writes the corpus as token shards into --out, with a process per core. "
+                                   "Resumable: a killed run continues from its last shard. Needed before "
+                                   "pretraining under torchrun, which never tokenizes; a single-process "
+                                   "`minigpt pretrain` calls it itself (with one worker).")
+    t.add_argument("--profile", help=_PROFILE_HELP)
+    t.add_argument("--out", default="runs/pretrain", help="the folder `minigpt pretrain --out` will train in")
+    t.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: one per core)")
+    t.set_defaults(func=_cmd_prepare)
 
     t = sub.add_parser("pretrain", help="pretrain a GPT on the recipe's corpus (works under torchrun)",
                        description="Runs with the recipe's tokenizer, model, optim and pretrain sections; "

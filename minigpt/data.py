@@ -21,7 +21,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
@@ -280,37 +280,44 @@ _PROBE = "To be, or not to be: that is the question. The quick brown fox jumps o
 
 def prepare_corpus(name: str, encode_batch: Callable[[list[str]], list[list[int]]], eot: int,
                    out_dir: str | os.PathLike, *, shard_tokens: int = 100_000_000,
-                   max_train_docs: int | None = None) -> PreparedCorpus:
-    """Tokenize corpus ``name`` into ``out_dir`` once; later calls reuse the shards.
+                   max_train_docs: int | None = None, workers: int = 1) -> PreparedCorpus:
+    """Tokenize corpus ``name`` into ``out_dir`` once, with ``workers`` processes; later calls reuse the shards.
 
     ``out_dir`` should be specific to the tokenizer (the shards hold its ids): shards made from
     another corpus or with another tokenizer (recognised by how it encodes a probe text, and its
-    ``eot``) are refused rather than trained on. ``meta.json`` is written last, so a run killed
-    while tokenizing starts over instead of using half the shards.
+    ``eot``) are refused rather than trained on, finished or not. A run killed while tokenizing
+    continues from its last shard (:func:`~minigpt.shards.tokenize_to_shards`); ``meta.json``,
+    written last, says the shards are complete.
     """
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
     out = Path(out_dir)
-    meta_path = out / "meta.json"
+    meta_path, started_path = out / "meta.json", out / "started.json"
     made_by = {"corpus": name, "eot": eot, "probe": encode_batch([_PROBE])[0]}
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+    for path in (meta_path, started_path):
+        meta = json.loads(path.read_text()) if path.exists() else made_by
         if any(meta.get(key) != value for key, value in made_by.items()):
             other = f"corpus {meta.get('corpus')!r}" if meta.get("corpus") != name else "another tokenizer"
             raise MinigptError(f"{out} holds the token shards of {other}, not of {name!r} with this tokenizer; "
                                f"delete {out} to tokenize again, or give another folder")
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
         prepared = PreparedCorpus([out / p for p in meta["train"]], [out / p for p in meta["val"]],
                                   meta["bytes_per_token"])
         for shard in prepared.train + prepared.val:
             read_shard(shard)  # refuses a missing or damaged shard by name
         return prepared
+    out.mkdir(parents=True, exist_ok=True)
+    started_path.write_text(json.dumps(made_by))  # a later call resumes only with the same corpus and tokenizer
     train_docs, val_docs = CORPORA[name].splits()
     val_docs = list(val_docs)
-    val = tokenize_to_shards(val_docs, encode_batch, out, prefix="val", eot=eot, shard_tokens=shard_tokens)
+    val = tokenize_to_shards(val_docs, encode_batch, out, prefix="val", eot=eot, shard_tokens=shard_tokens,
+                             workers=workers)
     val_bytes = sum(len(doc.encode("utf-8")) for doc in val_docs)
     val_tokens = sum(len(read_shard(p)) for p in val)
+    total = min(len(train_docs), max_train_docs or len(train_docs)) if isinstance(train_docs, Sized) else None
     train = tokenize_to_shards(islice(train_docs, max_train_docs), encode_batch, out, prefix="train",
-                               eot=eot, shard_tokens=shard_tokens)
+                               eot=eot, shard_tokens=shard_tokens, total_docs=total, workers=workers)
     prepared = PreparedCorpus(train, val, val_bytes / val_tokens)
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps({**made_by, "train": [p.name for p in train], "val": [p.name for p in val],

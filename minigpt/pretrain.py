@@ -5,14 +5,17 @@ corpus -> tokenizer -> token shards -> GPT -> :class:`~minigpt.train.Trainer`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import tiktoken
 import torch
-import torch.distributed as dist
 
 from minigpt.data import CORPORA, PreparedCorpus, prepare_corpus
+from minigpt.errors import MinigptError
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
 from minigpt.recipe import Recipe
@@ -115,14 +118,27 @@ def _train_into(out: Path, recipe: Recipe, cfg: TrainConfig, ddp: Distributed, d
     return trainer
 
 
-def prepare_data(recipe: Recipe, out_dir: str | os.PathLike) -> tuple[BPETokenizer, PreparedCorpus]:
-    """The recipe's tokenizer and token shards in ``out_dir`` (made once, then read)."""
+def prepare_data(recipe: Recipe, out_dir: str | os.PathLike, *, workers: int = 1) -> tuple[BPETokenizer, PreparedCorpus]:
+    """The recipe's tokenizer and token shards in ``out_dir`` (made once, then read; ``workers``
+    processes tokenize: ``minigpt prepare`` gives it every core)."""
     out = Path(out_dir)
     tok = pretrain_tokenizer(recipe, out)
-    # Corpus text is ordinary text: a literal "<|endoftext|>" in it must not become the special token.
-    prepared = prepare_corpus(recipe.pretrain.corpus, tok.encoding.encode_ordinary_batch, tok.special_tokens[EOT],
-                              out / "shards")
+    prepared = prepare_corpus(recipe.pretrain.corpus, partial(encode_ordinary, tok.encoding), tok.special_tokens[EOT],
+                              out / "shards", workers=workers)
     return tok, prepared
+
+
+def encode_ordinary(encoding: tiktoken.Encoding, texts: Sequence[str]) -> list[list[int]]:
+    """Corpus text as ordinary text (a literal "<|endoftext|>" in it is not the special token), one
+    text after another: tiktoken's own batch call starts a thread pool per call, which costs more than
+    it gains on a worker process's batch of short documents. A module function, so it pickles."""
+    return [encoding.encode_ordinary(text) for text in texts]
+
+
+def is_prepared(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a tokenizer and finished token shards (:func:`prepare_data`)."""
+    out = Path(out_dir)
+    return (out / "tokenizer.bpe").exists() and (out / "shards" / "meta.json").exists()
 
 
 def model_vocab_size(recipe: Recipe, tokenizer: BPETokenizer) -> int:
@@ -132,13 +148,17 @@ def model_vocab_size(recipe: Recipe, tokenizer: BPETokenizer) -> int:
 
 
 def _prepare(recipe: Recipe, out: Path, ddp: Distributed) -> tuple[BPETokenizer, PreparedCorpus]:
-    """Rank 0 builds the tokenizer and shards while the other ranks wait, then they read them."""
-    if not ddp.is_main:
-        dist.barrier()
-    tok, prepared = prepare_data(recipe, out)
-    if ddp.is_main and ddp.world_size > 1:
-        dist.barrier()
-    return tok, prepared
+    """The tokenizer and shards: made here by a single process, only read by a multi-process job.
+
+    Tokenizing inside a job would keep every other rank waiting on a barrier that times out long
+    before a large corpus is done (NCCL's watchdog allows 10 minutes, FineWeb takes hours on
+    one process), so a job whose data is not ready stops at once and names the command that makes it.
+    """
+    if ddp.world_size > 1 and not is_prepared(out):
+        raise MinigptError(f"{out} has no finished token shards, and {ddp.world_size} processes do not tokenize "
+                           f"a corpus: run `minigpt prepare --profile {recipe.name} --out {out}` (one process, every "
+                           "core, resumable), then this command again")
+    return prepare_data(recipe, out)
 
 
 

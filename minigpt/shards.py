@@ -8,8 +8,14 @@ memory-mapped, so a corpus much larger than RAM trains without loading it.
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from concurrent.futures import Future, ProcessPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -71,51 +77,117 @@ def tokenize_to_shards(
     prefix: str,
     eot: int,
     shard_tokens: int = 100_000_000,
-    batch_docs: int = 256,
+    batch_docs: int = 1024,
     total_docs: int | None = None,
+    workers: int = 1,
 ) -> list[Path]:
     """Tokenize documents into shards ``{prefix}_000000.bin``, ... each of ``shard_tokens`` tokens.
 
     Every document starts with ``eot`` (GPT-2's convention), so the model learns where one ends
-    and the next begins. ``encode_batch`` does the parallel work: tiktoken's batch encoder runs
-    on all cores and releases the GIL.
+    and the next begins. With ``workers`` > 1 a pool of processes encodes batches of ``batch_docs``
+    documents, in order: a tokenizer holds the GIL for most of a short text, so threads barely
+    scale and processes do (as build-nanogpt's and llm.c's FineWeb scripts do). ``encode_batch``
+    must then be picklable where processes are spawned rather than forked (macOS, Windows).
+
+    Resumable shard by shard: as each shard lands, ``{prefix}_progress.json`` records the shards
+    written and the documents they used, and the tokens left past the last shard go to a carry
+    file; a call after a killed one skips what is recorded and goes on from there.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    pending: list[np.ndarray] = []  # token arrays not yet written, fewer than shard_tokens in all
-    progress = tqdm(total=total_docs, unit="doc", desc=f"tokenizing {prefix}")
+    state_path = out / f"{prefix}_progress.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"shards": 0, "docs": 0, "carry": None}
+    paths = [out / f"{prefix}_{i:06d}.bin" for i in range(state["shards"])]
+    for path in paths:
+        read_shard(path)  # a missing or damaged shard is refused by name
+    pending = [np.asarray(read_shard(out / state["carry"]), dtype=np.uint32)] if state["carry"] else []
+    docs_done = state["docs"]
+    if total_docs is None and isinstance(documents, Sized):
+        total_docs = len(documents)  # a bar with an ETA (a streamed corpus has no length: no ETA)
+    progress = tqdm(total=total_docs, initial=docs_done, unit="doc", desc=f"tokenizing {prefix}")
+    started, new_tokens = time.perf_counter(), 0
 
-    def flush(tokens: np.ndarray) -> None:
-        paths.append(write_shard(out / f"{prefix}_{len(paths):06d}.bin", tokens))
+    def record(carry: np.ndarray) -> None:
+        """The shards so far, the documents they used and the tokens past them, each file atomic."""
+        name = f"{prefix}_carry_{len(paths):06d}.bin" if carry.size else None
+        if name:
+            write_shard(out / name, carry)
+        _write_json(state_path, {"shards": len(paths), "docs": docs_done, "carry": name})
+        for old in out.glob(f"{prefix}_carry_*.bin"):
+            if old.name != name:
+                old.unlink()
 
-    pending_tokens = 0
-
-    def store(batch: list[str]) -> None:
-        nonlocal pending, pending_tokens
-        for ids in encode_batch(batch):
-            pending.append(np.asarray([eot, *ids], dtype=np.uint32))
-            pending_tokens += len(ids) + 1
-        if pending_tokens >= shard_tokens:
+    batches = _batches(islice(documents, docs_done, None), batch_docs)
+    for n_docs, tokens in _encoded(batches, encode_batch, eot, workers):
+        pending.append(tokens)
+        docs_done += n_docs
+        new_tokens += len(tokens)
+        if sum(len(t) for t in pending) >= shard_tokens:
             tokens = np.concatenate(pending)
             while len(tokens) >= shard_tokens:
-                flush(tokens[:shard_tokens])
+                paths.append(write_shard(out / f"{prefix}_{len(paths):06d}.bin", tokens[:shard_tokens]))
                 tokens = tokens[shard_tokens:]
-            pending, pending_tokens = [tokens], len(tokens)
-        progress.update(len(batch))
-
-    batch: list[str] = []
-    for doc in documents:
-        batch.append(doc)
-        if len(batch) == batch_docs:
-            store(batch)
-            batch = []
-    if batch:
-        store(batch)
-    if pending_tokens:
-        flush(np.concatenate(pending))
+            pending = [tokens]
+            record(tokens)
+        progress.update(n_docs)
+        progress.set_postfix_str(f"{new_tokens / (time.perf_counter() - started):,.0f} tok/s", refresh=False)
+    rest = np.concatenate(pending) if pending else np.zeros(0, dtype=np.uint32)
+    if rest.size:
+        paths.append(write_shard(out / f"{prefix}_{len(paths):06d}.bin", rest))
+    record(np.zeros(0, dtype=np.uint32))
     progress.close()
     return paths
+
+
+def _write_json(path: Path, value: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def _batches(documents: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(documents)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+_encoder: Callable[[list[str]], list[list[int]]] | None = None  # a worker process's encode_batch
+
+
+def _set_encoder(encode_batch: Callable[[list[str]], list[list[int]]]) -> None:
+    global _encoder
+    _encoder = encode_batch
+
+
+def _encode(batch: list[str], eot: int, encode_batch: Callable[[list[str]], list[list[int]]] | None = None
+            ) -> tuple[int, np.ndarray]:
+    """A batch as one array, each document after an ``eot``: a compact reply from a worker."""
+    tokens: list[int] = []
+    for ids in (encode_batch or _encoder)(batch):  # type: ignore[misc]
+        tokens.append(eot)
+        tokens.extend(ids)
+    return len(batch), np.array(tokens, dtype=np.uint32)
+
+
+def _encoded(batches: Iterator[list[str]], encode_batch: Callable[[list[str]], list[list[int]]], eot: int,
+             workers: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(documents, tokens)`` of each batch in order, encoded here or by ``workers`` processes
+    (at most two batches each in flight, so a streamed corpus is never read ahead far)."""
+    if workers <= 1:
+        for batch in batches:
+            yield _encode(batch, eot, encode_batch)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_set_encoder,
+                             initargs=(encode_batch,)) as pool:
+        window: deque[Future[tuple[int, np.ndarray]]] = deque()
+        for batch in batches:
+            window.append(pool.submit(_encode, batch, eot))
+            if len(window) >= 2 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 class ShardLoader:

@@ -164,6 +164,12 @@ def test_user_errors_are_one_line_bugs_keep_their_traceback(tmp_path, capsys, mo
 
     assert main(["recipe", "--sft.steps"]) == 2
     assert error_line(capsys) == "minigpt: error: --sft.steps needs a value, such as --sft.steps=VALUE"
+    assert main(["prepare", "--profile", "ci", "--out", out, "--workers", "-1"]) == 2
+    assert "--workers -1 must be at least 1" in error_line(capsys)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["prepare", "--profile", "ci", "--out", out]) == 2
+    assert "without torchrun" in error_line(capsys)
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(SystemExit) as exit_:
         main(["pretrain", "--no-such-flag"])  # argparse's own usage error
     assert exit_.value.code == 2

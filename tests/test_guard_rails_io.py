@@ -32,10 +32,13 @@ from minigpt.errors import MinigptError, NetworkError
 from minigpt.export import load_hf, save_hf
 from minigpt.lora import apply_lora, lora_layers
 from minigpt.model import GPT, GPTConfig
+from minigpt.pretrain import _prepare
+from minigpt.recipe import recipe
 from minigpt.runs import load_run
 from minigpt.shards import read_shard
 from minigpt.tasks.data import load_chat_data
 from minigpt.tokenizer import BPETokenizer, CharTokenizer, train_bpe
+from minigpt.train import Distributed
 
 # -- 2. a LoRA model exports with its adapters merged, and stays as it was --------------------------
 
@@ -117,6 +120,24 @@ def test_pretrain_cli_never_reuses_the_tokenizer_or_shards_of_an_earlier_run(two
     shards = [read_shard(p) for p in sorted((out / "shards").glob("*.bin"))]
     assert max(int(s.max()) for s in shards) < 300
     assert "y" in tok.decode(shards[0][:200]) and "a" not in tok.decode(shards[0][:200])  # corpus b's words
+
+
+def test_prepare_makes_the_shards_pretraining_uses_and_a_torchrun_job_never_tokenizes(two_corpora, tmp_path, capsys):
+    a, _ = two_corpora
+    out = tmp_path / "R"
+    r = recipe("ci", {"pretrain.corpus": a})
+    with pytest.raises(MinigptError, match=f"no finished token shards.*minigpt prepare --profile ci --out {out}"):
+        _prepare(r, out, Distributed(rank=1, world_size=2))
+    assert cli.main(["prepare", "--profile", "ci", "--pretrain.corpus", a, "--out", str(out), "--workers", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "pretrain.corpus = guard-a" in said and "2 worker(s)" in said and "minigpt pretrain --profile ci" in said
+    made = {p.name: p.read_bytes() for p in (out / "shards").glob("*.bin")}
+    tok, prepared = _prepare(r, out, Distributed(rank=1, world_size=2))  # ready: a rank only reads
+    assert tok.vocab_size == 512 and {p.name for p in prepared.train + prepared.val} == set(made)
+    assert cli.main(["pretrain", "--profile", "ci", "--pretrain.corpus", a, "--out", str(out),
+                     "--train.max_steps", "2", "--train.sample_interval", "0"]) == 0
+    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.bin")} == made  # trained on them, not remade
+    assert "tokenizing" not in capsys.readouterr().err
 
 
 # -- 4. a tampered archive from PyPI is refused before any of its code runs ------------------------

@@ -1,3 +1,6 @@
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +80,55 @@ def test_restored_state_continues_exactly(tmp_path):
 def test_too_small_shard_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="lower batch_size or block_size"):
         ShardLoader(_shards(tmp_path, n=50), batch_size=4, block_size=16)
+
+
+def _letters(batch):
+    return [[ord(c) for c in d] for d in batch]
+
+
+def test_worker_processes_write_the_same_shards_as_one_process(tmp_path):
+    docs = [f"doc {i} " + "xyz" * (i % 7) for i in range(500)]
+    one = tokenize_to_shards(docs, _letters, tmp_path / "one", prefix="train", eot=0, shard_tokens=1000, batch_docs=16)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+
+    def noting_the_process(batch):
+        (pids / str(os.getpid())).touch()
+        return _letters(batch)
+
+    two = tokenize_to_shards(docs, noting_the_process, tmp_path / "two", prefix="train", eot=0, shard_tokens=1000,
+                             batch_docs=16, workers=2)
+    assert str(os.getpid()) not in {p.name for p in pids.iterdir()} and len(list(pids.iterdir())) >= 1
+    assert [p.name for p in one] == [p.name for p in two] and len(one) > 3
+    for a, b in zip(one, two):
+        assert a.read_bytes() == b.read_bytes()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_tokenization_resumes_from_its_last_recorded_shard(tmp_path):
+    docs = [f"document {i}" for i in range(300)]
+    straight = tokenize_to_shards(docs, _letters, tmp_path / "straight", prefix="train", eot=0, shard_tokens=500,
+                                  batch_docs=10)
+    seen = []
+
+    def dies_after_20_batches(batch):
+        if len(seen) == 20:
+            raise Killed
+        seen.append(batch)
+        return _letters(batch)
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        tokenize_to_shards(docs, dies_after_20_batches, out, prefix="train", eot=0, shard_tokens=500, batch_docs=10)
+    state = json.loads((out / "train_progress.json").read_text())
+    assert 0 < state["shards"] < len(straight) and state["carry"]  # 200 documents: 2,480 tokens, 4 shards and a carry
+    again = []
+    paths = tokenize_to_shards(docs, lambda b: again.append(b) or _letters(b), out, prefix="train", eot=0,
+                               shard_tokens=500, batch_docs=10)
+    assert again[0][0] == docs[state["docs"]]  # the recorded documents are not encoded again
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in straight]
+    assert not list(out.glob("train_carry_*")) and tokenize_to_shards(
+        docs, dies_after_20_batches, out, prefix="train", eot=0, shard_tokens=500, batch_docs=10) == paths  # done: nothing to encode
