@@ -129,7 +129,7 @@ def prepare_data(recipe: Recipe, out_dir: str | os.PathLike, *, workers: int = 1
 
 
 def encode_ordinary(encoding: tiktoken.Encoding, texts: Sequence[str]) -> list[list[int]]:
-    """Corpus text as ordinary text (a literal "<|endoftext|>" in it is not the special token), one
+    """Corpus text as ordinary text (a literal ``<|endoftext|>`` in it is not the special token), one
     text after another: tiktoken's own batch call starts a thread pool per call, which costs more than
     it gains on a worker process's batch of short documents. A module function, so it pickles."""
     return [encoding.encode_ordinary(text) for text in texts]
