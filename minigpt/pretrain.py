@@ -14,7 +14,7 @@ from typing import Any
 import tiktoken
 import torch
 
-from minigpt.data import CORPORA, PreparedCorpus, prepare_corpus
+from minigpt.data import CORPORA, PreparedCorpus, corpus_prepared, prepare_corpus
 from minigpt.errors import MinigptError
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
@@ -138,7 +138,7 @@ def encode_ordinary(encoding: tiktoken.Encoding, texts: Sequence[str]) -> list[l
 def is_prepared(out_dir: str | os.PathLike) -> bool:
     """Whether ``out_dir`` holds a tokenizer and finished token shards (:func:`prepare_data`)."""
     out = Path(out_dir)
-    return (out / "tokenizer.bpe").exists() and (out / "shards" / "meta.json").exists()
+    return (out / "tokenizer.bpe").exists() and corpus_prepared(out / "shards")
 
 
 def model_vocab_size(recipe: Recipe, tokenizer: BPETokenizer) -> int:

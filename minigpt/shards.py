@@ -112,7 +112,7 @@ def tokenize_to_shards(
         name = f"{prefix}_carry_{len(paths):06d}.bin" if carry.size else None
         if name:
             write_shard(out / name, carry)
-        _write_json(state_path, {"shards": len(paths), "docs": docs_done, "carry": name})
+        write_json(state_path, {"shards": len(paths), "docs": docs_done, "carry": name})
         for old in out.glob(f"{prefix}_carry_*.bin"):
             if old.name != name:
                 old.unlink()
@@ -139,7 +139,8 @@ def tokenize_to_shards(
     return paths
 
 
-def _write_json(path: Path, value: object) -> None:
+def write_json(path: Path, value: object) -> None:
+    """Write ``value`` as JSON atomically (temp file, then rename): a record a killed run reads back."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value))
     os.replace(tmp, path)
