@@ -7,8 +7,8 @@ It runs the real :class:`~minigpt.train.Trainer` on synthetic token shards, eage
 compiled, and prints one JSON object: the attention kernel SDPA picked, compile time, median step
 time, tokens/s, MFU by two formulas, peak memory in training and in evaluation, and the time of an
 evaluation, a checkpoint and a 100-token sample, and the number of graphs ``torch.compile`` made.
-With two or more GPUs (or ``--cpu``: two gloo processes) it also runs 2-process DDP under
-``torchrun``. On one H100 it finishes in a few minutes; give it 8.
+With two or more GPUs (or ``--cpu``: two gloo processes) it also runs 2 processes under
+``torchrun``, with DDP and with FSDP (``--parallel fsdp``). On one H100 it finishes in a few minutes; give it 8.
 
 MFU (model FLOPs utilisation) = achieved training FLOP/s / the device's dense peak in the autocast
 dtype (:func:`minigpt.train.peak_flops`; none for a CPU or a GPU it does not know). Two FLOP
@@ -47,12 +47,6 @@ from minigpt.train import Distributed, TrainConfig, Trainer, autocast_dtype, ini
 GPU = dict(model=GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304), batch=64, steps=20)
 CPU = dict(model=GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=512), batch=4, steps=4)
 WARMUP = 3  # steps left out of the median: the first compiles, autotunes and fills allocators
-
-
-def flops_llmc(model: GPT) -> int:
-    """llm.c's training FLOPs per token: 6N (every parameter) + 6 * layers * width * T."""
-    c = model.config
-    return 6 * model.num_params(non_embedding=False) + 6 * c.n_layer * c.n_embd * c.block_size
 
 
 def synthetic_shard(folder: Path, cfg: GPTConfig, tokens: int, seed: int = 0) -> Path:
@@ -129,7 +123,7 @@ def check_one(args: argparse.Namespace, device: str, folder: Path) -> dict[str, 
             torch._dynamo.utils.counters.clear()
         trainer, result = timed_training(model, cfg, ShardLoader([shard], batch, gcfg.block_size), device, steps)
         result["compile_s"] = result["first_step_s"] - result["median_step_s"] if mode == "compiled" else 0.0
-        for key, flops in (("mfu", model.flops_per_token()), ("mfu_llmc", flops_llmc(model))):
+        for key, flops in (("mfu", model.flops_per_token()), ("mfu_llmc", model.flops_per_token_llmc())):
             # The Trainer's own peak: the device's, and only where the matmuls run in half precision.
             result[key] = flops * result["tokens_per_s"] / trainer.peak_flops if trainer.peak_flops else None
         if mode == "compiled":
@@ -172,20 +166,22 @@ def ddp_worker(args: argparse.Namespace) -> None:
     torch.distributed.barrier()
     torch.manual_seed(0)
     cfg = TrainConfig(max_steps=10**6, warmup_steps=10, dtype=args.dtype, compile=not args.no_compile and not args.cpu,
-                      checkpoint_interval=0, eval_interval=0)
+                      checkpoint_interval=0, eval_interval=0, parallel=args.parallel)
     loader = ShardLoader([shard], batch, gcfg.block_size, rank=ddp.rank, world_size=ddp.world_size)
     _, result = timed_training(GPT(gcfg), cfg, loader, device, steps, ddp)
     if ddp.is_main:
-        print("DDP_RESULT " + json.dumps(result | {"processes": ddp.world_size, "compiled": cfg.compile}), flush=True)
+        print("DDP_RESULT " + json.dumps(result | {"processes": ddp.world_size, "compiled": cfg.compile,
+                                                   "parallel": cfg.parallel}), flush=True)
     torch.distributed.destroy_process_group()
 
 
-def check_ddp(args: argparse.Namespace, folder: Path) -> dict[str, Any] | str:
-    """2-process DDP through torchrun: its result, or why it did not run."""
+def check_ddp(args: argparse.Namespace, folder: Path, parallel: str) -> dict[str, Any] | str:
+    """2 processes through torchrun with ``parallel`` (ddp or fsdp): the result, or why it did not run."""
     if not args.cpu and torch.cuda.device_count() < 2:
         return f"skipped: {torch.cuda.device_count()} GPU(s)"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-               "--ddp-worker", "--folder", str(folder), "--dtype", args.dtype, *(["--cpu"] if args.cpu else []),
+               "--ddp-worker", "--folder", str(folder), "--dtype", args.dtype, "--parallel", parallel,
+               *(["--cpu"] if args.cpu else []),
                *(["--no-compile"] if args.no_compile else []), *(["--steps", str(args.steps)] if args.steps else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
@@ -205,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--parallel", default="ddp", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ddp_worker:
         ddp_worker(args)
@@ -214,8 +211,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         report = check_one(args, "cpu" if args.cpu else "cuda", Path(tmp))
-        (Path(tmp) / "ddp").mkdir()
-        report["ddp"] = check_ddp(args, Path(tmp) / "ddp")
+        for parallel in ("ddp", "fsdp"):
+            (Path(tmp) / parallel).mkdir()
+            report[parallel] = check_ddp(args, Path(tmp) / parallel, parallel)
     report["total_s"] = time.perf_counter() - start
     text = json.dumps(report, indent=1, default=str)
     print(text)

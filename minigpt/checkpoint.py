@@ -39,15 +39,14 @@ def _unwrap(model: torch.nn.Module) -> GPT:
     return getattr(model, "_orig_mod", model)
 
 
-def _model_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
+def _model_tensors(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    state = dict(model.state_dict() if state is None else state)
     if model.lm_head.weight is model.transformer.wte.weight:
-        del state["lm_head.weight"]  # tied: safetensors stores each tensor once
+        state.pop("lm_head.weight", None)  # tied: safetensors stores each tensor once
     return {f"model.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
@@ -67,13 +66,18 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None, **state: Any) -> Path:
-    """Write model (+ optimizer, RNG) and JSON-serialisable ``state`` atomically to ``path``."""
+                    optimizer: torch.optim.Optimizer | None = None, *,
+                    full_state: tuple[dict[str, Any], dict[str, Any]] | None = None, **state: Any) -> Path:
+    """Write model (+ optimizer, RNG) and JSON-serialisable ``state`` atomically to ``path``.
+
+    ``full_state``: the model's and optimizer's state dicts gathered from a sharded model
+    (:func:`minigpt.fsdp.full_state`), written in place of ``model``'s and ``optimizer``'s own."""
     gpt = _unwrap(model)
-    tensors = {**_model_tensors(gpt), **_rng_tensors()}
+    weights, optimizer_state = full_state or (None, optimizer.state_dict() if optimizer is not None else None)
+    tensors = {**_model_tensors(gpt, weights), **_rng_tensors()}
     meta: dict[str, Any] = {"config": dataclasses.asdict(gpt.config), "state": state}
-    if optimizer is not None:
-        optim_tensors, meta["optimizer"] = _optimizer_tensors(optimizer)
+    if optimizer_state is not None:
+        optim_tensors, meta["optimizer"] = _optimizer_tensors(optimizer_state)
         tensors.update(optim_tensors)
     return write_safetensors(path, tensors, {"format": FORMAT, "version": str(VERSION),
                                              "minigpt": json.dumps(meta)})
@@ -156,6 +160,36 @@ def checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
     return _open(Path(path), tensors=False)[1]["state"]
 
 
+@dataclasses.dataclass
+class CheckpointContents:
+    """What a checkpoint file holds, as full (unsharded) CPU tensors."""
+
+    config: GPTConfig
+    weights: dict[str, torch.Tensor]  # the model's state dict (a tied head stored once)
+    optimizer: dict[str, Any] | None  # in the format of ``optimizer.state_dict()``; None if not saved
+    rng: dict[str, torch.Tensor]
+    state: dict[str, Any]  # what the caller saved with it: step, loader position, ...
+
+    def restore_rng(self) -> None:
+        """Put the CPU's and GPUs' random number generators where they stood at the save."""
+        torch.set_rng_state(self.rng["rng.cpu"])
+        cuda = [self.rng[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in self.rng]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
+    """Everything in the checkpoint at ``path``, its header checked first (:func:`checkpoint_config`)."""
+    path = Path(path)
+    checkpoint_config(path)
+    tensors, meta = _open(path)
+    return CheckpointContents(
+        config=GPTConfig(**meta["config"]),
+        weights={k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+        optimizer=_optimizer_state(tensors, meta["optimizer"]) if "optimizer" in meta else None,
+        rng={k: v for k, v in tensors.items() if k.startswith("rng.")}, state=meta["state"])
+
+
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, *,
                     restore_rng: bool = False) -> tuple[GPT, dict[str, Any]]:
@@ -164,25 +198,25 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = Non
     Returns the model and the ``state`` saved with it (step, loader position, ...).
     """
     path = Path(path)
-    gpt = GPT(checkpoint_config(path)) if model is None else _unwrap(model)  # the header checked first
-    tensors, meta = _open(path)
-    config = GPTConfig(**meta["config"])
-    if gpt.config != config:
-        raise ValueError(f"{path} holds a model with config {config}, not {gpt.config}")
-    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = gpt.load_state_dict(weights, strict=False)
+    contents = read_checkpoint(path)
+    gpt = GPT(contents.config) if model is None else _unwrap(model)
+    if gpt.config != contents.config:
+        raise ValueError(f"{path} holds a model with config {contents.config}, not {gpt.config}")
+    missing, unexpected = gpt.load_state_dict(contents.weights, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise ValueError(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
     if optimizer is not None:
-        if "optimizer" not in meta:
-            raise ValueError(f"{path} has no optimizer state; it cannot resume training")
-        optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"]))
+        optimizer.load_state_dict(require_optimizer(contents, path))
     if restore_rng:
-        torch.set_rng_state(tensors["rng.cpu"])
-        cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    return gpt, meta["state"]
+        contents.restore_rng()
+    return gpt, contents.state
+
+
+def require_optimizer(contents: CheckpointContents, path: str | os.PathLike) -> dict[str, Any]:
+    """The optimizer state of a checkpoint that must resume training."""
+    if contents.optimizer is None:
+        raise ValueError(f"{path} has no optimizer state; it cannot resume training")
+    return contents.optimizer
 
 
 def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:

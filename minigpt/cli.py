@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from minigpt.errors import MinigptError
+from minigpt.errors import MinigptError, Stopped
 from minigpt.recipe import Recipe, check_device, flatten, parse_value, recipe
 
 #: The recipe's own fields, given as --seed 2 (every other field has a dot: --sft.steps 800).
@@ -138,6 +138,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     if trainer.ddp.is_main:
         last = trainer.history[-1] if trainer.history else {}
         print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
+        c = trainer.clock
+        if c["wall_seconds"]:
+            share = {k: f"{c[f'{k}_seconds'] / c['wall_seconds']:.1%}" for k in ("train", "eval", "sample", "checkpoint")}
+            print(f"wall clock: {c['tokens'] / c['wall_seconds']:,.0f} tokens/s over {c['wall_seconds']:.1f} s (training "
+                  f"steps {share['train']}, evaluation {share['eval']}, samples {share['sample']}, checkpoints "
+                  f"{share['checkpoint']}); the training steps alone: {c['tokens'] / c['train_seconds']:,.0f} tokens/s")
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
@@ -219,6 +225,48 @@ def _cmd_rlhf(args: argparse.Namespace) -> None:
         print(f"{key:>20} = {value:.4g}" if isinstance(value, float) else f"{key:>20} = {value}")
     if args.stage != "reward":
         print(f"chat with it: minigpt chat {out}")
+
+
+def _cmd_eval_hellaswag(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from minigpt.hellaswag import GPT2_NAMES, load_items, score_items
+    from minigpt.train import autocast_dtype
+
+    gpt2 = args.run in GPT2_NAMES and not Path(args.run).exists()
+    if not gpt2:
+        from minigpt.runs import read_run
+
+        if not Path(args.run).is_dir():
+            raise ValueError(f"{args.run} is neither a run folder nor a GPT-2 name ({', '.join(GPT2_NAMES)})")
+        read_run(args.run)  # not a run folder: say so before any download
+    for flag in ("limit", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
+    if args.out:
+        _prepare_out(args.out, folder=False)
+    items = load_items(data_files=args.data_files, limit=args.limit)  # offline: fails here, in seconds
+    if gpt2:
+        from minigpt.model import GPT
+        from minigpt.tokenizer import get_encoding
+
+        model, encode = GPT.from_pretrained(args.run).to(device), get_encoding("gpt2").encode
+    else:
+        from minigpt.runs import load_run
+
+        model, tokenizer = load_run(args.run, device=device)
+        encode = tokenizer.encode
+    start = time.perf_counter()
+    result = score_items(model, encode, items, batch_size=args.batch_size, dtype=autocast_dtype(args.dtype, device))
+    print(f"hellaswag acc_norm {result['acc_norm']:.4f} acc {result['acc']:.4f} on {result['n']} items ({args.run})")
+    if args.out:
+        record = {"task": "hellaswag", "run": args.run, **result, "data_files": args.data_files, "limit": args.limit,
+                  "device": device, "dtype": args.dtype, "seconds": round(time.perf_counter() - start, 1)}
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
 
 
 _CHAT_HELP = """commands: /reset forgets the conversation, /temp T sets the temperature (0 = greedy),
@@ -375,6 +423,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest answer in tokens (default: half the model's context, at most 128)")
     c.add_argument("--seed", type=int, help="for answers that repeat from run to run")
     c.set_defaults(func=_cmd_chat)
+
+    from minigpt.hellaswag import GPT2_NAMES
+    from minigpt.train import DTYPES
+
+    ev = sub.add_parser("eval", help="score a model on a benchmark (hellaswag)").add_subparsers(
+        dest="eval_command", required=True)
+    h = ev.add_parser("hellaswag", help="HellaSwag's 10,042 validation items: acc_norm and acc",
+                      description="Picks each item's ending with the lowest mean loss per token (acc_norm; "
+                                  "GPT-2 124M: about 0.295, chance: 0.25) and with the lowest summed loss (acc). "
+                                  "The items come from the Hugging Face Hub through datasets, or from --data-files.")
+    h.add_argument("run", help="a run folder (of `minigpt pretrain`, `sft`, ...) or a GPT-2 name from the Hub: "
+                               + ", ".join(GPT2_NAMES))
+    h.add_argument("--limit", type=int, help="score only the first N items")
+    h.add_argument("--data-files", action="append", metavar="PATH",
+                   help="local JSON/JSONL rows in the Hub's schema (ctx, endings, label) instead of the Hub "
+                        "(repeatable)")
+    h.add_argument("--device", help="where to run the model (default: cuda if there is one, else cpu)")
+    h.add_argument("--batch-size", type=int, default=16, help="items per forward pass, 4 rows each (default 16)")
+    h.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="autocast dtype of the matmuls (default float32; auto: bf16 on a recent GPU)")
+    h.add_argument("--out", metavar="FILE.json", help="also write the result there as JSON")
+    h.set_defaults(func=_cmd_eval_hellaswag)
     return parser
 
 
@@ -414,12 +484,25 @@ def _describe(err: BaseException) -> str:
 
 
 def _run(argv: list[str]) -> None:
-    rest, overrides = split_overrides(argv, top=() if argv[:1] == ["chat"] else TOP_LEVEL)
+    rest, overrides = split_overrides(argv, top=() if argv[:1] in (["chat"], ["eval"]) else TOP_LEVEL)
     args = build_parser().parse_args(rest)
     args.overrides = overrides
-    if overrides and args.func in (_cmd_chat, _cmd_tokenizer_encode):
+    if overrides and args.func in (_cmd_chat, _cmd_tokenizer_encode, _cmd_eval_hellaswag):
         raise ValueError(f"{args.command} takes no recipe settings (got --{next(iter(overrides))})")
-    args.func(args)
+    try:
+        args.func(args)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Leave the ``torchrun`` job's process group, if a command joined one: a process that exits
+    without it leaves NCCL's resources to the operating system, and torch warns about it."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -436,6 +519,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
         os.close(devnull)
         return 1
+    except Stopped as err:
+        if debug:
+            raise
+        print(f"minigpt: {err}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         if debug:
             raise

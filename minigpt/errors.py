@@ -5,7 +5,7 @@ Anything else that goes wrong is a bug in minigpt or its dependencies, and keeps
 
 from __future__ import annotations
 
-__all__ = ["MinigptError", "NaNLogitsError", "NetworkError"]
+__all__ = ["MinigptError", "NaNLogitsError", "NetworkError", "Stopped"]
 
 
 class MinigptError(Exception):
@@ -19,3 +19,9 @@ class NaNLogitsError(MinigptError):
 
 class NetworkError(MinigptError):
     """A download or online service that failed or did not answer in time."""
+
+
+class Stopped(MinigptError):
+    """SIGTERM (a scheduler's preemption, ``kill``, the end of a time slot) stopped a training run
+    after a whole step and a checkpoint: the same command again resumes it. The command line
+    exits with 143 (128 + SIGTERM), as a process that signal ends does."""

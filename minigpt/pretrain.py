@@ -5,7 +5,7 @@ corpus -> tokenizer -> token shards -> GPT -> :class:`~minigpt.train.Trainer`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -50,19 +50,38 @@ def pretrain_tokenizer(recipe: Recipe, out_dir: str | os.PathLike) -> BPETokeniz
     return tok
 
 
-def train_config(recipe: Recipe, world_size: int = 1, **overrides: Any) -> TrainConfig:
-    """Pretraining's Trainer settings from ``recipe``; ``grad_accum`` makes up ``total_batch_tokens``."""
-    p = recipe.pretrain
-    per_step = p.batch_size * recipe.model.block_size * world_size
-    if p.total_batch_tokens % per_step:
+def micro_batch(recipe: Recipe, world_size: int = 1) -> tuple[int, int]:
+    """Sequences per micro-batch per process, and micro-batches per step, that make up the recipe's
+    ``total_batch_tokens`` on ``world_size`` processes: the same tokens per optimizer step (the same
+    training) however many processes share them. The recipe's batch_size is the most one process
+    takes at once; more processes than that batch fills split it between them."""
+    p, block = recipe.pretrain, recipe.model.block_size
+    sequences, rest = divmod(p.total_batch_tokens, block * world_size)  # per process per step
+    batch = min(p.batch_size, sequences)
+    if rest or not sequences or sequences % batch:
         raise ValueError(
-            f"pretrain.total_batch_tokens={p.total_batch_tokens} is not a multiple of pretrain.batch_size x "
-            f"model.block_size x processes = {per_step}; change one of them"
-        )
+            f"pretrain.total_batch_tokens={p.total_batch_tokens} does not split into micro-batches of at most "
+            f"pretrain.batch_size={p.batch_size} sequences of model.block_size={block} tokens on {world_size} "
+            f"process(es); make it a multiple of batch_size x block_size x processes = {p.batch_size * block * world_size}")
+    return batch, sequences // batch
+
+
+def train_config(recipe: Recipe, world_size: int = 1, **overrides: Any) -> TrainConfig:
+    """Pretraining's Trainer settings from ``recipe``; ``grad_accum`` makes up ``total_batch_tokens``
+    (:func:`micro_batch`), so it is not a setting of its own."""
+    if "grad_accum" in overrides:
+        raise ValueError("pretraining sets grad_accum from pretrain.total_batch_tokens (the tokens per optimizer "
+                         "step); set that instead, e.g. --pretrain.total_batch_tokens 262144")
+    p = recipe.pretrain
+    batch, grad_accum = micro_batch(recipe, world_size)
+    # The Trainer shares eval_steps batches out between the processes; counted in batches of the
+    # recipe's size, so that a split micro-batch reads the same validation tokens, not fewer.
+    eval_steps = overrides.pop("eval_steps", TrainConfig.eval_steps) * p.batch_size // batch
     return TrainConfig.from_recipe(recipe, **{**dict(
-        max_steps=p.steps, grad_accum=p.total_batch_tokens // per_step, learning_rate=p.learning_rate,
-        warmup_steps=p.warmup_steps, eval_interval=p.eval_interval, sample_interval=p.eval_interval,
-        checkpoint_interval=p.eval_interval), **overrides})
+        max_steps=p.steps, grad_accum=grad_accum, learning_rate=p.learning_rate,
+        warmup_steps=p.warmup_steps, eval_interval=p.eval_interval, eval_steps=eval_steps,
+        sample_interval=p.eval_interval, checkpoint_interval=p.eval_interval,
+        checkpoint_budget=p.checkpoint_budget), **overrides})
 
 
 def pretrain(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool = True,
@@ -94,7 +113,7 @@ def _train_into(out: Path, recipe: Recipe, cfg: TrainConfig, ddp: Distributed, d
     torch.manual_seed(cfg.seed)
     vocab_size = model_vocab_size(recipe, tok)
     model = GPT(GPTConfig.from_recipe(recipe, vocab_size=vocab_size))
-    block_size, batch_size = recipe.model.block_size, recipe.pretrain.batch_size
+    block_size, (batch_size, _) = recipe.model.block_size, micro_batch(recipe, ddp.world_size)
     eot = tok.special_tokens[EOT]
 
     def sample(model: GPT) -> str:
@@ -107,15 +126,32 @@ def _train_into(out: Path, recipe: Recipe, cfg: TrainConfig, ddp: Distributed, d
                   rank=ddp.rank, world_size=ddp.world_size)
     trainer = Trainer(model, cfg, ShardLoader(prepared.train, **loader), ShardLoader(prepared.val, **loader),
                       device=device, out_dir=out, ddp=ddp, bytes_per_token=prepared.bytes_per_token,
-                      sample=sample)
+                      sample=sample, evals=hellaswag_eval(recipe, tok, ddp))
     if resume and trainer.resume() and ddp.is_main:
         print(f"resumed from {trainer.checkpoint_path} at step {trainer.step}")
     if ddp.is_main:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {vocab_size}; "
               f"{cfg.grad_accum} x {batch_size} x {block_size} tokens/step/process "
-              f"on {ddp.world_size} process(es), device {device}")
+              f"on {ddp.world_size} process(es) ({cfg.parallel if ddp.world_size > 1 else 'alone'}), device {device}")
+        print(trainer.mfu_note())
     trainer.fit(progress=progress)
     return trainer
+
+
+def hellaswag_eval(recipe: Recipe, tok: BPETokenizer, ddp: Distributed) -> Callable[[GPT], dict[str, float]] | None:
+    """The Trainer's extra evaluation where the recipe asks for HellaSwag (``pretrain.hellaswag``
+    items, loaded now: offline, the run stops before it trains). The processes share the items out,
+    except where the model is sharded: each forward then needs every process, so each scores all."""
+    if not recipe.pretrain.hellaswag:
+        return None
+    from minigpt.hellaswag import load_items, score_items
+
+    items = load_items(limit=recipe.pretrain.hellaswag)
+    split = {} if recipe.parallel == "fsdp" else {"rank": ddp.rank, "world_size": ddp.world_size}
+
+    def evaluate(model: GPT) -> dict[str, float]:
+        return {"hellaswag": score_items(model, tok.encode, items, **split)["acc_norm"]}
+    return evaluate
 
 
 def prepare_data(recipe: Recipe, out_dir: str | os.PathLike, *, workers: int = 1) -> tuple[BPETokenizer, PreparedCorpus]:

@@ -109,6 +109,12 @@ class PretrainRecipe:
     experiment_steps: int  # each of the chapter's by-hand optimiser runs
     sgd_learning_rate: float  # plain SGD needs a far larger step than AdamW
     resume_steps: int = 20  # the kill-and-resume check: bitwise equality needs no long run
+    # > 0: a checkpoint due at eval_interval is skipped while the last one took more than this share
+    # of the time since it (TrainConfig.checkpoint_budget); the end and SIGTERM always save.
+    checkpoint_budget: float = 0.0
+    # > 0: HellaSwag's acc_norm on its first this many validation items at every evaluation (from
+    # the Hub; 10042 is all of them), the figure GPT-2 124M is compared by (minigpt.hellaswag).
+    hellaswag: int = 0
 
 
 @dataclass(frozen=True)
@@ -287,6 +293,9 @@ class Recipe:
     vision: VisionRecipe
     optim: OptimRecipe = field(default_factory=OptimRecipe)
     seed: int = 1337
+    # With more than one process: "ddp" (each holds the whole model) or "fsdp" (each a shard of
+    # the weights, gradients and optimizer state: for models that do not fit one GPU whole).
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         for path in _POSITIVE:
@@ -439,7 +448,7 @@ RECIPES: dict[str, Recipe] = {
         # GPT-3 paper's 125M recipe: 0.5M-token batches, 10B tokens, 375M-token warmup.
         pretrain=PretrainRecipe(corpus="fineweb-edu", batch_size=64, total_batch_tokens=524_288, steps=19073,
                                 warmup_steps=715, learning_rate=6e-4, eval_interval=250, experiment_steps=1192,
-                                sgd_learning_rate=0.3),
+                                sgd_learning_rate=0.3, checkpoint_budget=0.01, hellaswag=10042),
         sft=SFTRecipe(base="pretrained", steps=2000, batch_size=128, learning_rate=3e-4, warmup_steps=100,
                       max_operand=99, n_test=1000, eval_interval=250, keep_steps=(1200,)),
         lora=LoRARecipe(steps=3000, learning_rate=3e-3, rank=16, alpha=32.0, token_rows=32,

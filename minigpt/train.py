@@ -13,9 +13,11 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Collection
-from contextlib import nullcontext
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,8 +27,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from minigpt.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
-from minigpt.errors import MinigptError
+from minigpt.checkpoint import (
+    checkpoint_state,
+    load_checkpoint,
+    read_checkpoint,
+    require_optimizer,
+    save_checkpoint,
+)
+from minigpt.errors import MinigptError, Stopped
 from minigpt.model import GPT
 
 if TYPE_CHECKING:
@@ -39,6 +47,10 @@ PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989
 
 #: ``TrainConfig.dtype``'s choices: "auto" picks by device (:func:`autocast_dtype`); the others force one.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+#: ``TrainConfig.parallel``'s choices, for more than one process: every process holds the whole model
+#: (DDP), or each holds a shard of it (FSDP2, :mod:`minigpt.fsdp`).
+PARALLEL = ("ddp", "fsdp")
 
 
 #: A batch's inputs: token ids, or a tuple of tensors the model reads before the targets (a
@@ -102,7 +114,10 @@ class TrainConfig:
     eval_interval: int = 250
     eval_steps: int = 20
     log_interval: int = 10
-    checkpoint_interval: int = 500  # 0: only at the end
+    checkpoint_interval: int = 500  # 0: only at the end (and when SIGTERM stops the run)
+    # > 0: skip a scheduled checkpoint while the last one took more than this share of the time
+    # since it (0.01: saving costs at most 1% of the run, whatever the disk and model size).
+    checkpoint_budget: float = 0.0
     sample_interval: int = 0  # 0: never
     dtype: str = "float32"  # one of DTYPES: the autocast dtype, "auto" to pick it by device
     compile: bool = False
@@ -112,12 +127,14 @@ class TrainConfig:
     head_at_targets_only: bool = False
     seed: int = 1337
     peak_flops: float | None = None  # FLOP/s for MFU; None: the device's own (:func:`peak_flops`)
+    parallel: str = "ddp"  # one of PARALLEL: how more than one process splits the work
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **fields: Any) -> TrainConfig:
         """A stage's settings (``fields``) with what every stage of ``recipe`` shares: its
-        optimiser (:class:`~minigpt.recipe.OptimRecipe`), dtype, compile and seed."""
-        shared = dict(**dataclasses.asdict(recipe.optim), dtype=recipe.dtype, compile=recipe.compile, seed=recipe.seed)
+        optimiser (:class:`~minigpt.recipe.OptimRecipe`), dtype, compile, seed and parallelism."""
+        shared = dict(**dataclasses.asdict(recipe.optim), dtype=recipe.dtype, compile=recipe.compile, seed=recipe.seed,
+                      parallel=recipe.parallel)
         return cls(**{**shared, **fields})
 
     def __post_init__(self) -> None:
@@ -125,6 +142,11 @@ class TrainConfig:
             raise ValueError("max_steps and grad_accum must be at least 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel={self.parallel!r} must be one of {', '.join(PARALLEL)}")
+        if not 0 <= self.checkpoint_budget < 1:
+            raise ValueError(f"checkpoint_budget={self.checkpoint_budget} is a share of the run's time: "
+                             "0 (off) up to, not including, 1")
         if self.head_at_targets_only and self.compile:
             raise ValueError("head_at_targets_only selects positions by their targets (a data-dependent shape), "
                              "which torch.compile cannot trace as one graph; turn one of them off")
@@ -247,11 +269,15 @@ class Trainer:
                  *, device: str = "cpu", out_dir: str | os.PathLike | None = None,
                  ddp: Distributed = Distributed(), bytes_per_token: float | None = None,
                  sample: Callable[[GPT], str] | None = None,
-                 penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> None:
+                 penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+                 evals: Callable[[GPT], dict[str, float]] | None = None) -> None:
         self.cfg, self.train_data, self.val_data = cfg, train, val
         #: A term added to every step's loss, of the weights alone (EWC's pull towards an old
         #: task's weights, :mod:`minigpt.continual`); logged as ``penalty``, apart from ``loss``.
         self.penalty = penalty
+        #: More figures at each evaluation, of the model (a benchmark such as HellaSwag); called on
+        #: every process, and merged into the record.
+        self.evals = evals
         self.device, self.ddp = device, ddp
         self.device_type = "cuda" if device.startswith("cuda") else "cpu"
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -259,6 +285,11 @@ class Trainer:
         self.raw_model = model.to(device)
         if self.device_type == "cuda":  # float32 matmuls (the loss, a float32 run) on TF32 tensor cores
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.sharded = ddp.world_size > 1 and cfg.parallel == "fsdp"
+        if self.sharded:  # before the optimizer: sharding turns the parameters into distributed tensors
+            from minigpt.fsdp import shard_model
+
+            shard_model(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, cfg, self.device_type)
         self.amp_dtype = autocast_dtype(cfg.dtype, device)
         # MFU compares with a half-precision peak, so only where the matmuls run in half precision.
@@ -267,17 +298,25 @@ class Trainer:
         # the loss before backward and divides the gradients after; a step whose gradients overflow
         # is skipped and the scale halved (so it finds the largest safe scale by itself).
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.amp_dtype == torch.float16)
-        wrapped: torch.nn.Module = self.raw_model
-        if cfg.compile:
-            wrapped = torch.compile(wrapped)
-        if ddp.world_size > 1:
+        #: The model evaluation runs: compiled like the training one where that is on (a second
+        #: graph, for no_grad), without DDP's wrapper, which only matters for gradients.
+        self.eval_model: torch.nn.Module = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        wrapped = self.eval_model
+        if ddp.world_size > 1 and not self.sharded:
             wrapped = DDP(wrapped, device_ids=[ddp.local_rank] if self.device_type == "cuda" else None)
         self.model = wrapped
         self._loss_kwargs = {"logits": False} if cfg.head_at_targets_only else {}
         self.step = 0
-        self.train_seconds = 0.0  # time spent in train_step since step 0, across resumes
-        #: One record per logged step (loss, lr, grad_norm, tokens_per_s, train_seconds; val_loss,
-        #: sample at evaluations).
+        # Since step 0, across resumes: seconds in train_step; seconds of fit in all (training,
+        # evaluation, samples and checkpoints: what the run costs); of those, evaluation's,
+        # samples' and checkpoints'; and training tokens.
+        self.clock = {"train_seconds": 0.0, "wall_seconds": 0.0, "eval_seconds": 0.0, "sample_seconds": 0.0,
+                      "checkpoint_seconds": 0.0, "tokens": 0}
+        self._last_save: tuple[float, float] = (time.perf_counter(), 0.0)  # when, and its seconds
+        self._sigterm = False  # set by the SIGTERM handler fit installs; acted on after a whole step
+        self.stopping = False  # every process agrees to stop (a SIGTERM reached one of them)
+        #: One record per logged step (loss, lr, grad_norm, tokens_per_s and the clock above;
+        #: val_loss, sample at evaluations).
         self.history: list[dict[str, Any]] = []
 
     # -- one step -------------------------------------------------------------------------
@@ -286,14 +325,28 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
-    def _next_batch(self, source: BatchSource,
-                    non_blocking: bool = False) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def _next_batch(self, source: BatchSource) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """``source``'s next batch on the device, its inputs always a tuple: the model gets
-        ``(*inputs, targets)``, and the last input (the token ids) is what counts as tokens."""
+        ``(*inputs, targets)``, and the last input (the token ids) is what counts as tokens. To a GPU
+        through page-locked memory, without waiting: the copy overlaps the work queued before it."""
         x, y = source.next_batch()
         inputs = x if isinstance(x, tuple) else (x,)
-        return (tuple(t.to(self.device, non_blocking=non_blocking) for t in inputs),
-                y.to(self.device, non_blocking=non_blocking))
+        if self.device_type != "cuda":
+            return tuple(t.to(self.device) for t in inputs), y.to(self.device)
+        return (tuple(t.pin_memory().to(self.device, non_blocking=True) for t in inputs),
+                y.pin_memory().to(self.device, non_blocking=True))
+
+    def _gradient_sync(self, on: bool) -> Any:
+        """Whether this backward's gradients are averaged across processes now: only the last
+        micro-batch's need be (DDP all-reduces, FSDP reduce-scatters, on every backward otherwise)."""
+        if self.ddp.world_size == 1 or on:
+            if self.sharded:
+                self.raw_model.set_requires_gradient_sync(True)
+            return nullcontext()
+        if self.sharded:
+            self.raw_model.set_requires_gradient_sync(False)
+            return nullcontext()
+        return self.model.no_sync()
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
@@ -306,12 +359,9 @@ class Trainer:
         tokens = 0
         record_penalty: torch.Tensor | None = None
         for micro in range(cfg.grad_accum):
-            inputs, y = self._next_batch(self.train_data, non_blocking=True)
+            inputs, y = self._next_batch(self.train_data)
             tokens += inputs[-1].numel()
-            # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
-            last = micro == cfg.grad_accum - 1
-            sync = nullcontext() if last or self.ddp.world_size == 1 else self.model.no_sync()
-            with sync, self._autocast():
+            with self._gradient_sync(micro == cfg.grad_accum - 1), self._autocast():
                 _, loss = self.model(*inputs, y, **self._loss_kwargs)
             objective = loss
             if self.penalty is not None:  # a share per micro-batch: once per step in all
@@ -324,12 +374,21 @@ class Trainer:
         # The norm is measured even with clipping off (an infinite bound): it shows a blow-up as it happens.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # sharded: a distributed tensor holding partial sums
+            grad_norm = grad_norm.full_tensor()
         self.scaler.step(self.optimizer)  # skipped where the scaled gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         loss_mean = loss_sum / cfg.grad_accum
         if self.ddp.world_size > 1:
-            dist.all_reduce(loss_mean, op=dist.ReduceOp.AVG)
+            # One collective for the mean loss and for whether any process was told to stop, so
+            # that all of them stop after the same step.
+            shared = torch.stack([loss_mean, torch.tensor(float(self._sigterm), device=self.device)])
+            dist.all_reduce(shared, op=dist.ReduceOp.AVG)
+            loss_mean, stop = shared[0], shared[1]
+            self.stopping = stop.item() > 0
+        else:
+            self.stopping = self._sigterm
         loss_value = loss_mean.item()  # waits for the GPU, so the timing below is honest
         norm_value = grad_norm.item()  # no second wait: the GPU is done
         # Free: both are on the host anyway. With the scaler, an overflowing gradient is its business
@@ -338,16 +397,29 @@ class Trainer:
             raise TrainingDiverged(self._diverged(loss_value, norm_value, lr))
         self.step += 1
         seconds = time.perf_counter() - start
-        self.train_seconds += seconds
+        self.clock["train_seconds"] += seconds
+        self.clock["tokens"] += tokens * self.ddp.world_size
         tokens_per_s = tokens * self.ddp.world_size / seconds
         record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
-                  "tokens_per_s": tokens_per_s, "train_seconds": self.train_seconds}
-        if self.peak_flops:
-            flops = self.raw_model.flops_per_token() * tokens_per_s / self.ddp.world_size
-            record["mfu"] = flops / self.peak_flops
+                  "tokens_per_s": tokens_per_s, "train_seconds": self.clock["train_seconds"]}
+        if self.peak_flops:  # this process's share of the FLOP/s, against its own device's peak
+            per_device = tokens_per_s / self.ddp.world_size / self.peak_flops
+            record["mfu"] = self.raw_model.flops_per_token() * per_device
+            record["mfu_llmc"] = self.raw_model.flops_per_token_llmc() * per_device
         if record_penalty is not None:
             record["penalty"] = record_penalty.item()
         return record
+
+    def mfu_note(self) -> str:
+        """How this run's ``mfu`` is computed, or why it has none: a line for the log."""
+        m = self.raw_model
+        if not self.peak_flops:
+            why = "float32 matmuls" if self.amp_dtype is None else f"no known peak for {self.device}"
+            return f"MFU: none ({why}; minigpt.train.PEAK_TFLOPS lists the GPUs it knows); tokens/s only"
+        return (f"MFU = tokens/s per device x {m.flops_per_token():,} FLOPs/token (6N + 12LHQT, N without the "
+                f"position embedding: nanoGPT, PaLM) / {self.peak_flops / 1e12:g} TFLOP/s (dense half-precision peak "
+                f"of {torch.cuda.get_device_name(self.device) if self.device_type == 'cuda' else self.device}); "
+                f"mfu_llmc counts as llm.c does: {m.flops_per_token_llmc():,} FLOPs/token (6N + 6LCT, N every parameter)")
 
     def _diverged(self, loss: float, grad_norm: float, lr: float) -> str:
         """What went wrong at the step being taken, its likely causes, and what was kept."""
@@ -362,18 +434,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss over ``eval_steps`` batches, the same batches every time."""
+        """Mean validation loss over ``eval_steps`` batches, the same batches every time, and
+        :attr:`evals`' figures. The processes share the batches out (each reads ``eval_steps /
+        processes`` of them), so the figure does not depend on how many there are."""
         if self.val_data is None:
             return {}
         self.model.eval()
         self.val_data.reset()
         total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.eval_steps):
+        steps = math.ceil(self.cfg.eval_steps / self.ddp.world_size)
+        for _ in range(steps):
             inputs, y = self._next_batch(self.val_data)
             with self._autocast():
-                _, loss = self.raw_model(*inputs, y, **self._loss_kwargs)
+                _, loss = self.eval_model(*inputs, y, **self._loss_kwargs)
             total += loss
-        val_loss = total / self.cfg.eval_steps
+        val_loss = total / steps
         if self.ddp.world_size > 1:
             dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
         result = {"val_loss": val_loss.item()}
@@ -381,6 +456,9 @@ class Trainer:
             # nats per token / bytes per token = nats per byte; / ln 2 = bits per byte
             result["val_nats_per_byte"] = result["val_loss"] / self.bytes_per_token
             result["val_bpb"] = result["val_nats_per_byte"] / math.log(2)
+        if self.evals is not None:
+            with self._autocast():
+                result.update(self.evals(self.raw_model))
         return result
 
     # -- the loop --------------------------------------------------------------------------
@@ -391,31 +469,86 @@ class Trainer:
         ``stop_at`` ends this call early, at that step of the same schedule, with a checkpoint: a
         later ``fit`` resumes onto the very curve of a run that never stopped. At each of
         ``keep_steps`` a copy of the checkpoint stays (:func:`kept_checkpoint_path`): a snapshot
-        of the run for another run to start from.
+        of the run for another run to start from. SIGTERM ends the run after the step under way,
+        with a checkpoint, by raising :class:`~minigpt.errors.Stopped`.
         """
         cfg = self.cfg
         end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
         bar = tqdm(total=end, initial=self.step, disable=not (progress and self.ddp.is_main),
                    desc="training", unit="step")
-        while self.step < end:
-            record = self.train_step()
-            done = self.step == cfg.max_steps
-            if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or done):
-                record.update(self.evaluate())
-            if self.sample and cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.ddp.is_main:
-                record["sample"] = self.sample(self.raw_model)
-            if self.step % cfg.log_interval == 0 or done or "val_loss" in record:
-                self._log(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", **(
-                    {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-            if self.out_dir is not None and (self.step == end or (cfg.checkpoint_interval
-                                                                  and self.step % cfg.checkpoint_interval == 0)):
-                self.save()
-            if self.out_dir is not None and self.step in keep_steps:
-                self.save(kept_checkpoint_path(self.out_dir, self.step))
-            bar.update(1)
+        with self._sigterm_stops():
+            while self.step < end:
+                started = time.perf_counter()
+                record = self.train_step()
+                done = self.step == cfg.max_steps
+                if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or done):
+                    record.update(self._timed("eval_seconds", self.evaluate))
+                if self.sample and cfg.sample_interval and self.step % cfg.sample_interval == 0:
+                    text = self._timed("sample_seconds", self._sample)
+                    if text is not None:
+                        record["sample"] = text
+                if self.out_dir is not None and self._save_due(end):
+                    self._timed("checkpoint_seconds", self.save)
+                if self.out_dir is not None and self.step in keep_steps:
+                    self._timed("checkpoint_seconds", self.save, kept_checkpoint_path(self.out_dir, self.step))
+                self.clock["wall_seconds"] += time.perf_counter() - started
+                if self.step % cfg.log_interval == 0 or done or "val_loss" in record or self.stopping:
+                    record.update(self.clock, wall_tokens_per_s=self.clock["tokens"] / self.clock["wall_seconds"])
+                    self._log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", **(
+                        {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                bar.update(1)
+                if self.stopping:
+                    bar.close()
+                    where = f"; {self.checkpoint_path} holds it" if self.out_dir is not None else " (no out_dir to save in)"
+                    raise Stopped(f"SIGTERM stopped the run after step {self.step}{where}: run the same command "
+                                  "again to resume")
         bar.close()
         return self.history
+
+    def _timed(self, clock: str, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)``, its seconds added to ``self.clock[clock]``."""
+        start = time.perf_counter()
+        result = work(*args)
+        self.clock[clock] += time.perf_counter() - start
+        return result
+
+    def _sample(self) -> str | None:
+        """The sample callback's text on the main process (every process runs it when the model is
+        sharded: each forward gathers the weights from all of them)."""
+        if self.sharded or self.ddp.is_main:
+            text = self.sample(self.raw_model)
+            return text if self.ddp.is_main else None
+        return None
+
+    def _save_due(self, end: int) -> bool:
+        """A checkpoint now: at the end of this call, when stopping, or on the schedule, unless the
+        last save took more than ``checkpoint_budget`` of the time since it."""
+        if self.step == end or self.stopping:
+            return True
+        if not (self.cfg.checkpoint_interval and self.step % self.cfg.checkpoint_interval == 0):
+            return False
+        if not self.cfg.checkpoint_budget:
+            return True
+        when, seconds = self._last_save
+        return seconds <= self.cfg.checkpoint_budget * (time.perf_counter() - when)
+
+    @contextmanager
+    def _sigterm_stops(self) -> Iterator[None]:
+        """While training, SIGTERM asks for a stop after the step under way rather than killing the
+        process mid-write; the handler before is put back after. (Only the main thread may set one.)"""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask(signum: int, frame: Any) -> None:
+            self._sigterm = True
+
+        before = signal.signal(signal.SIGTERM, ask)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, before)
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -433,20 +566,35 @@ class Trainer:
 
     def save(self, path: Path | None = None) -> None:
         """Checkpoint to ``path`` (default :attr:`checkpoint_path`; rank 0 writes, all ranks
-        share one data position)."""
+        share one data position; a sharded model is gathered first, by every rank)."""
+        start = time.perf_counter()
+        full = None
+        if self.sharded:
+            from minigpt.fsdp import full_state
+
+            full = full_state(self.raw_model, self.optimizer)
         if self.ddp.is_main:
-            save_checkpoint(path or self.checkpoint_path, self.raw_model, self.optimizer, step=self.step,
-                            train_config=dataclasses.asdict(self.cfg),
+            save_checkpoint(path or self.checkpoint_path, self.raw_model, self.optimizer, full_state=full,
+                            step=self.step, train_config=dataclasses.asdict(self.cfg),
                             train_data=self.train_data.state_dict(), grad_scaler=self.scaler.state_dict())
         if self.ddp.world_size > 1:
             dist.barrier()
+        self._last_save = (time.perf_counter(), time.perf_counter() - start)
 
     def resume(self) -> bool:
         """Continue from ``out_dir``'s checkpoint if there is one; True if it resumed."""
         path = self.checkpoint_path
         if not path.exists():
             return False
-        _, state = load_checkpoint(path, self.raw_model, self.optimizer, restore_rng=True)
+        if self.sharded:
+            from minigpt.fsdp import load_full_state
+
+            contents = read_checkpoint(path)
+            load_full_state(self.raw_model, self.optimizer, contents.weights, require_optimizer(contents, path))
+            contents.restore_rng()
+            state = contents.state
+        else:
+            _, state = load_checkpoint(path, self.raw_model, self.optimizer, restore_rng=True)
         self.step = state["step"]
         self.train_data.load_state_dict(state["train_data"])
         if state.get("grad_scaler"):  # empty when the scaler is off
@@ -454,7 +602,8 @@ class Trainer:
         metrics = self.out_dir / "metrics.jsonl"  # drop lines a killed run wrote after the checkpoint
         if metrics.exists():
             self.history = [r for r in read_metrics(metrics) if r["step"] <= self.step]
-            self.train_seconds = self.history[-1].get("train_seconds", 0.0) if self.history else 0.0
+            last = self.history[-1] if self.history else {}
+            self.clock.update({k: last[k] for k in self.clock if k in last})
             if self.ddp.is_main:
                 tmp = metrics.with_name(f"{metrics.name}.{os.getpid()}.tmp")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))

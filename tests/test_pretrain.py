@@ -82,6 +82,20 @@ def test_sigkilled_run_resumes_on_the_same_loss_curve(straight_run, tmp_path):
     assert _losses(tmp_path) == _losses(straight)  # bitwise: the same floats, step for step
 
 
+def test_sigterm_saves_after_the_step_and_exits_143_then_resumes_on_the_curve(straight_run, tmp_path):
+    """A scheduler's SIGTERM (preemption, a time limit) costs no work: the step under way finishes,
+    a checkpoint is written, and the command exits with 128 + SIGTERM and says how to resume."""
+    straight, _ = straight_run
+    termed = subprocess.run([sys.executable, "-c", _KILLED_AT_25.replace("SIGKILL", "SIGTERM"), "pretrain", "--out",
+                             str(tmp_path), *ARGS], capture_output=True, text=True, timeout=300)
+    assert termed.returncode == 143, termed.stdout + termed.stderr
+    assert "SIGTERM stopped the run after step 26" in termed.stderr and "same command again" in termed.stderr
+    resumed = _run(tmp_path)
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "at step 26" in log, log
+    assert _losses(tmp_path) == _losses(straight)
+
+
 def test_plot_history_draws_train_and_val_curves(straight_run):
     import matplotlib
 
@@ -97,3 +111,58 @@ def test_plot_history_draws_train_and_val_curves(straight_run):
     assert list(train.get_xdata()) == [r["step"] for r in records]
     assert list(val.get_ydata()) == [r["val_loss"] for r in records if "val_loss" in r]
     plt.close(ax.figure)
+
+
+SHORT = ["--profile", "ci", "--pretrain.steps", "6", "--pretrain.eval_interval", "6", "--train.log_interval", "1",
+         "--train.sample_interval", "0"]
+
+
+def _pretrain(out, *extra, processes=1):
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    return subprocess.run([sys.executable, *launch, "-m", "minigpt", "pretrain", "--out", str(out), *SHORT, *extra],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_ddp_or_fsdp_train_as_one_does(tmp_path):
+    """A 2-process torchrun job refuses a corpus that is not prepared, naming the command; once
+    prepared, DDP and FSDP share out the ci recipe's batch (2 x 4 sequences instead of 1 x 8) and
+    trace one process's loss curve, and its validation loss, up to the order of float sums."""
+    import shutil
+
+    refused = _pretrain(tmp_path / "ddp", processes=2)
+    assert refused.returncode != 0
+    assert f"minigpt prepare --profile ci --out {tmp_path / 'ddp'}" in refused.stdout + refused.stderr
+    prepared = subprocess.run([sys.executable, "-m", "minigpt", "prepare", "--profile", "ci", "--out",
+                               str(tmp_path / "ddp"), "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr
+    for other in ("fsdp", "one"):
+        shutil.copytree(tmp_path / "ddp", tmp_path / other)
+    runs = {"one": _pretrain(tmp_path / "one"), "ddp": _pretrain(tmp_path / "ddp", processes=2),
+            "fsdp": _pretrain(tmp_path / "fsdp", "--parallel", "fsdp", processes=2)}
+    for name, run in runs.items():
+        assert run.returncode == 0, f"{name}: {run.stdout[-2000:]}{run.stderr[-3000:]}"
+    assert "4 x 64 tokens/step/process on 2 process(es)" in runs["ddp"].stdout
+    one = _records(tmp_path / "one")
+    assert len(one) == 6 and one[-1]["loss"] < one[0]["loss"]
+    for name in ("ddp", "fsdp"):
+        records = _records(tmp_path / name)
+        for key in ("loss", "val_loss"):
+            mine = [r[key] for r in records if key in r]
+            assert mine == pytest.approx([r[key] for r in one if key in r], rel=1e-4), (name, key)
+
+
+def test_every_profile_splits_its_step_over_1_2_4_or_8_processes():
+    from minigpt.pretrain import micro_batch
+    from minigpt.recipe import RECIPES
+
+    for name, r in RECIPES.items():
+        for world in (1, 2, 4, 8):
+            batch, accum = micro_batch(r, world)
+            assert batch <= r.pretrain.batch_size and batch * accum * r.model.block_size * world == \
+                r.pretrain.total_batch_tokens, (name, world)
+    with pytest.raises(ValueError, match="does not split"):
+        micro_batch(RECIPES["full"], 3)

@@ -133,9 +133,18 @@ def test_mfu_is_against_the_peak_of_the_device_in_use(monkeypatch, tmp_path):
     data = np.arange(200) % 32
     write_shard(tmp_path / "s.bin", data)
     loader = ShardLoader([tmp_path / "s.bin"], 2, 8)
-    assert "mfu" not in Trainer(model, TrainConfig(max_steps=1), loader).train_step()
-    forced = Trainer(model, TrainConfig(max_steps=1, dtype="bfloat16", peak_flops=1e12), loader).train_step()
+    plain = Trainer(model, TrainConfig(max_steps=1), loader)
+    assert "mfu" not in plain.train_step() and "MFU: none (float32 matmuls" in plain.mfu_note()
+    half = Trainer(model, TrainConfig(max_steps=1, dtype="bfloat16", peak_flops=1e12), loader)
+    forced = half.train_step()
     assert forced["mfu"] == pytest.approx(model.flops_per_token() * forced["tokens_per_s"] / 1e12)
+    # llm.c's count: every parameter (the position embedding too), and the causal half of attention.
+    c = model.config
+    llmc = 6 * sum(p.numel() for p in model.parameters()) + 6 * c.n_layer * c.n_embd * c.block_size
+    assert forced["mfu_llmc"] == pytest.approx(llmc * forced["tokens_per_s"] / 1e12)
+    assert f"{model.flops_per_token():,} FLOPs/token" in half.mfu_note() and f"{llmc:,} FLOPs/token" in half.mfu_note()
+    gpt2 = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304))
+    assert gpt2.flops_per_token_llmc() / gpt2.flops_per_token() == pytest.approx(0.94, abs=0.01)
 
 
 def test_float16_skips_a_step_whose_gradients_overflow_and_lowers_the_scale(tmp_path):
@@ -237,3 +246,115 @@ def test_checkpoints_get_the_mode_of_any_new_file(tmp_path):
     plain.write_text("x")
     path = write_safetensors(tmp_path / "a.safetensors", {"a": torch.zeros(2)}, {})
     assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parallel_worker(rank: int, world: int, port: int, shard: str, out: str) -> None:
+    """DDP, then FSDP, each stopped at step 2 with a checkpoint and resumed by a new Trainer to step
+    4; then an FSDP run in which only rank 1 is told to stop (SIGTERM's flag)."""
+    from minigpt.errors import Stopped
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo")
+    ddp = Distributed(rank, rank, world)
+
+    def trainer(parallel, folder):
+        torch.manual_seed(0)
+        cfg = TrainConfig(max_steps=4, warmup_steps=0, grad_accum=2, learning_rate=1e-2, parallel=parallel,
+                          eval_interval=0, log_interval=1, checkpoint_interval=0)
+        return Trainer(GPT(CONFIG), cfg, ShardLoader([shard], 2, 16, rank, world), ddp=ddp, out_dir=f"{out}/{folder}")
+
+    try:
+        losses = {}
+        for parallel in ("ddp", "fsdp"):
+            trainer(parallel, parallel).fit(progress=False, stop_at=2)
+            again = trainer(parallel, parallel)
+            assert again.resume() and again.step == 2
+            losses[parallel] = [r["loss"] for r in again.fit(progress=False)]
+        told = trainer("fsdp", "stopped")
+        told.train_step()
+        told._sigterm = rank == 1
+        try:
+            told.fit(progress=False)
+        except Stopped:
+            losses["stopped_at"] = told.step
+        torch.save(losses, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_trains_as_ddp_does_and_their_checkpoints_are_one_format(tmp_path):
+    """Two gloo processes: FSDP's losses are DDP's (up to the order of floating-point sums), a run
+    stopped and resumed under FSDP continues its curve, its checkpoint holds the same full weights
+    as DDP's and loads into a plain model; a stop asked of one process stops both after one step."""
+    mp.spawn(_parallel_worker, args=(2, _free_port(), str(_shard(tmp_path)), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0 == r1  # the same mean losses on both ranks, and the same step to stop at
+    assert len(r0["fsdp"]) == 4 and r0["fsdp"][-1] < r0["fsdp"][0]
+    torch.testing.assert_close(r0["fsdp"], r0["ddp"], rtol=1e-5, atol=0)
+    assert r0["stopped_at"] == 2  # rank 1 was told after step 1: both finished step 2, saved and stopped
+    assert checkpoint_state(tmp_path / "stopped" / "checkpoint.safetensors")["step"] == 2
+    fsdp, _ = load_checkpoint(tmp_path / "fsdp" / "checkpoint.safetensors")
+    ddp, _ = load_checkpoint(tmp_path / "ddp" / "checkpoint.safetensors")
+    for (name, a), b in zip(fsdp.state_dict().items(), ddp.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.equal(fsdp.transformer.wte.weight, _model(0).transformer.wte.weight)  # it trained
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_on_the_curve(tmp_path):
+    import signal
+
+    from minigpt.errors import Stopped
+
+    class TermAtBatch(ShardLoader):  # SIGTERM arrives in the middle of step 3 (its first micro-batch)
+        def next_batch(self):
+            self.served = getattr(self, "served", 0) + 1
+            if self.served == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().next_batch()
+
+    cfg = TrainConfig(max_steps=6, warmup_steps=0, grad_accum=2, eval_interval=0, log_interval=1,
+                      checkpoint_interval=0)
+    straight = Trainer(_model(0), cfg, ShardLoader([_shard(tmp_path)], 2, 16)).fit(progress=False)
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = Trainer(_model(0), cfg, TermAtBatch([_shard(tmp_path)], 2, 16), out_dir=tmp_path / "run")
+    with pytest.raises(Stopped, match="after step 3.*checkpoint.safetensors holds it.*same command again"):
+        stopped.fit(progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+    assert checkpoint_state(stopped.checkpoint_path)["step"] == 3
+    resumed = Trainer(_model(1), cfg, ShardLoader([_shard(tmp_path)], 2, 16), out_dir=tmp_path / "run")
+    assert resumed.resume() and resumed.step == 3
+    assert [r["loss"] for r in resumed.fit(progress=False)] == [r["loss"] for r in straight]
+
+
+def test_the_clock_counts_evaluation_and_checkpoints_and_the_budget_skips_costly_saves(tmp_path, monkeypatch):
+    cfg = TrainConfig(max_steps=8, warmup_steps=0, eval_interval=2, eval_steps=2, log_interval=1, checkpoint_interval=2)
+    run = Trainer(_model(0), cfg, ShardLoader([_shard(tmp_path)], 2, 16), ShardLoader([_shard(tmp_path, seed=1)], 2, 16),
+                  out_dir=tmp_path / "a")
+    last = run.fit(progress=False)[-1]
+    assert last["tokens"] == 8 * 2 * 16
+    assert last["wall_seconds"] > last["train_seconds"] + last["eval_seconds"] + last["checkpoint_seconds"] * 0.99
+    assert last["eval_seconds"] > 0 and last["checkpoint_seconds"] > 0
+    assert last["wall_tokens_per_s"] == pytest.approx(last["tokens"] / last["wall_seconds"])
+    saves = []
+    slow = Trainer(_model(0), TrainConfig(**{**cfg.__dict__, "checkpoint_budget": 0.01}),
+                   ShardLoader([_shard(tmp_path)], 2, 16), out_dir=tmp_path / "b")
+    real_save = slow.save
+
+    def save(path=None):  # as if each save took a million seconds
+        saves.append(slow.step)
+        real_save(path)
+        slow._last_save = (slow._last_save[0], 1e6)
+    monkeypatch.setattr(slow, "save", save)
+    slow.fit(progress=False)
+    assert saves == [2, 8]  # the first, then only the end's: every other would have cost more than 1%
+    with pytest.raises(ValueError, match="checkpoint_budget"):
+        TrainConfig(checkpoint_budget=1.0)
+    with pytest.raises(ValueError, match="parallel='zero'"):
+        TrainConfig(parallel="zero")
