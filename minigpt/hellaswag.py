@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from minigpt.data import hub_failures, require_hub
+from minigpt.logprobs import pack, token_logprobs
 from minigpt.model import GPT, evaluating
 
 __all__ = ["GPT2_NAMES", "HUB_ID", "HellaSwagItem", "ending_losses", "fit_row", "item_from_row", "load_items",
@@ -120,9 +120,9 @@ def ending_losses(model: GPT, encode: Encode, items: Sequence[HellaSwagItem], *,
                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each ending's summed loss (nats) and its number of tokens, both (len(items), 4), on the CPU.
 
-    ``batch_size`` items (4 rows each, right-padded) go through one forward pass; causal attention
-    means padding after a row cannot change its earlier positions, so a padded row scores as it
-    would alone. The output head runs only at the endings' positions. ``model`` must be the
+    ``batch_size`` items (4 rows each, right-padded by :func:`minigpt.logprobs.pack`) go through one
+    forward pass, and :func:`~minigpt.logprobs.token_logprobs` scores the endings' tokens, running
+    the output head at their positions only. ``model`` must be the
     plain :class:`~minigpt.model.GPT` (not a DDP wrapper), on the device it scores on; ``dtype``
     autocasts its matmuls (bf16 on a GPU). It runs in eval mode without gradients and gives the
     model back in the mode it had. Rows longer than the model's context are cut by :func:`fit_row`.
@@ -138,19 +138,9 @@ def ending_losses(model: GPT, encode: Encode, items: Sequence[HellaSwagItem], *,
             for item in items[start:start + batch_size]:
                 context_ids = encode(item.context)
                 rows += [fit_row(context_ids, encode(" " + ending), block) for ending in item.endings]
-            width = max(len(c) + len(e) for c, e in rows)
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            targets = torch.full((len(rows), width - 1), -100, dtype=torch.long)  # targets[t] is ids[t + 1]
-            for i, (context, ending) in enumerate(rows):
-                ids[i, :len(context) + len(ending)] = torch.tensor(context + ending)
-                targets[i, len(context) - 1:len(context) + len(ending) - 1] = torch.tensor(ending)
-            ids, targets = ids.to(device), targets.to(device)
-            keep = targets != -100
-            logits = model.lm_head(model.hidden(ids[:, :-1])[keep]).float()
-            losses = F.cross_entropy(logits, targets[keep], reduction="none")
-            row_of = keep.nonzero()[:, 0]
-            sums.append(torch.zeros(len(rows), device=device).index_add_(0, row_of, losses).view(-1, 4).cpu())
-            counts.append(keep.sum(1).view(-1, 4).cpu())
+            batch = pack([context for context, _ in rows], [ending for _, ending in rows], device=device)
+            sums.append(-token_logprobs(model, batch.ids, mask=batch.mask).sum(1).view(-1, 4).cpu())
+            counts.append(batch.mask.sum(1).view(-1, 4).cpu())
     if not sums:
         return torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.long)
     return torch.cat(sums), torch.cat(counts)

@@ -27,7 +27,7 @@ from minigpt.data import CORPORA
 from minigpt.rlhf.dpo import DPOConfig
 from minigpt.rlhf.grpo import GRPOConfig
 from minigpt.rlhf.ppo import PPOConfig
-from minigpt.train import DTYPES
+from minigpt.train import DTYPES, PARALLEL
 
 __all__ = ["RECIPES", "Recipe", "check_device", "default_recipe_name", "flatten", "override", "parse_value", "recipe"]
 
@@ -39,7 +39,7 @@ _POSITIVE = ("tokenizer.corpus_chars", "tokenizer.vocab_size", "model.n_layer", 
              "instruct.max_tokens", "instruct.n_test",
              "rlhf.ppo.batch_size", "rlhf.dpo.batch_size", "rlhf.grpo.prompts_per_step", "classify.batch_size",
              "classify.lora_rank", "generation.rows", "blocks.batch_size", "continual.batch_size",
-             "continual.lora_rank", "vision.patch", "vision.batch_size", "objectives.n_layer",
+             "continual.lora_rank", "honesty.batch_size", "honesty.n_test", "vision.patch", "vision.batch_size", "objectives.n_layer",
              "objectives.n_head", "objectives.n_embd", "objectives.block_size", "objectives.steps",
              "objectives.batch_size", "objectives.n_test")
 
@@ -259,6 +259,20 @@ class ContinualRecipe:
 
 
 @dataclass(frozen=True)
+class HonestyRecipe:
+    """Chapter 12: closed-book questions, some about people the model cannot know."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    n_train: int  # training questions (facts drawn with replacement, and strangers)
+    n_test: int  # held-out strangers
+    shares: tuple[float, ...]  # the shares of stranger questions in training to compare
+    share: float  # the honest model's share, one of ``shares``
+
+
+@dataclass(frozen=True)
 class VisionRecipe:
     """Chapter 11: a GPT that captions 8x8 digits."""
 
@@ -290,6 +304,7 @@ class Recipe:
     generation: GenerationRecipe
     blocks: BlocksRecipe
     continual: ContinualRecipe
+    honesty: HonestyRecipe
     vision: VisionRecipe
     optim: OptimRecipe = field(default_factory=OptimRecipe)
     seed: int = 1337
@@ -328,6 +343,11 @@ class Recipe:
         if self.rlhf.start_step not in self.sft.keep_steps:
             raise ValueError(f"rlhf.start_step={self.rlhf.start_step} must be one of sft.keep_steps="
                              f"{self.sft.keep_steps}: RL starts from a checkpoint the SFT run keeps")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel={self.parallel!r} must be one of {', '.join(PARALLEL)}")
+        if self.honesty.share not in self.honesty.shares or not all(0 <= x <= 1 for x in self.honesty.shares):
+            raise ValueError(f"honesty.share={self.honesty.share} must be one of honesty.shares={self.honesty.shares}, "
+                             "each a share of the training questions (0 to 1)")
 
 
 #: RL from SFT step 1,200 on two-digit sums: measured at ``cpu``; ``gpu`` and ``full`` run it as it
@@ -377,6 +397,8 @@ RECIPES: dict[str, Recipe] = {
                                   lora_steps=200, lora_learning_rate=1e-2,
                                   lora_rank=4),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=6e-3),
+        honesty=HonestyRecipe(steps=1000, batch_size=32, learning_rate=1e-2, warmup_steps=20, n_train=20000, n_test=100,
+                              shares=(0.0, 0.2), share=0.2),
     ),
     "cpu": Recipe(
         name="cpu", device="cpu", dtype="auto", compile=False,
@@ -408,6 +430,8 @@ RECIPES: dict[str, Recipe] = {
                                   lora_steps=400, lora_learning_rate=1e-2,
                                   lora_rank=8),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=4e-3),
+        honesty=HonestyRecipe(steps=300, batch_size=32, learning_rate=3e-3, warmup_steps=50, n_train=20000, n_test=300,
+                              shares=(0.0, 0.003, 0.01, 0.03, 0.1), share=0.1),
     ),
     "gpu": Recipe(
         name="gpu", device="cuda", dtype="auto", compile=True,
@@ -438,6 +462,8 @@ RECIPES: dict[str, Recipe] = {
                                   lora_steps=1500, lora_learning_rate=3e-3,
                                   lora_rank=16),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=2e-3),
+        honesty=HonestyRecipe(steps=500, batch_size=64, learning_rate=3e-4, warmup_steps=50, n_train=40000, n_test=1000,
+                              shares=(0.0, 0.003, 0.01, 0.03, 0.1), share=0.1),
     ),
     "full": Recipe(
         name="full", device="cuda", dtype="auto", compile=True,
@@ -468,6 +494,8 @@ RECIPES: dict[str, Recipe] = {
                                   lora_steps=1500, lora_learning_rate=2e-3,
                                   lora_rank=16),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=1.2e-3),
+        honesty=HonestyRecipe(steps=500, batch_size=64, learning_rate=3e-4, warmup_steps=50, n_train=40000, n_test=1000,
+                              shares=(0.0, 0.003, 0.01, 0.03, 0.1), share=0.1),
     ),
 }
 

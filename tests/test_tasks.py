@@ -10,15 +10,18 @@ from minigpt.chat import Conversation, render_prompt
 from minigpt.errors import NetworkError
 from minigpt.model import GPT, GPTConfig
 from minigpt.tasks import (
+    UNKNOWN,
     alpaca_conversation,
     answers,
     arithmetic,
+    confident_answers,
     exact_match,
     few_shot_prompt,
     load_chat_data,
     make_task,
     mixture,
     normalize_answer,
+    reliability,
     smoltalk_conversation,
     split_of,
     string_tasks,
@@ -83,6 +86,68 @@ def test_world_answers_follow_from_the_facts():
             else:
                 place = re.fullmatch(r"Who lives in (\w+)\?", q.content)[1]
                 assert home[a.content] == place
+
+
+def test_unanswerable_questions_ask_about_outsiders_and_leave_the_rest_as_they_were():
+    """``unanswerable`` turns a share of the questions to people or places the world never
+    mentions, answered with UNKNOWN; at 0 the examples are exactly those drawn without it."""
+    assert world_qa(200, seed=1) == world_qa(200, seed=1, unanswerable=0.0)
+    convs = world_qa(400, seed=1, unanswerable=0.3)
+    unknown = known = 0
+    for c in convs:
+        facts = c.messages[0].content
+        for q, a in zip(c.messages[1::2], c.messages[2::2]):
+            subject = re.fullmatch(r"(?:Where does|Which pet does|Who lives in) (\w+)(?: live| have)?\?", q.content)[1]
+            if a.content == UNKNOWN:
+                unknown += 1
+                assert subject not in facts  # nobody and nowhere the world describes
+            else:
+                known += 1
+                assert subject in facts
+    assert 0.2 < unknown / (unknown + known) < 0.4
+    assert all(c.answer == UNKNOWN for c in world_qa(50, seed=2, split="test", unanswerable=1.0))
+    with pytest.raises(ValueError, match="unanswerable=1.5"):
+        world_qa(5, unanswerable=1.5)
+
+
+def test_confident_answers_give_the_product_of_the_greedy_tokens_probabilities(tok):
+    """Each greedy answer's probability, checked against a plain loop: argmax step by step,
+    multiplying the softmax of the chosen token, until <|end|> or the token budget."""
+    torch.manual_seed(9)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    end = tok.special_tokens["<|end|>"]
+    with torch.no_grad():  # a random model for which <|end|> comes after two tokens in some rows, never in another
+        model.lm_head.weight[end] *= 2
+    convs = [Conversation.single(f"What is {a} + {b}?", str(a + b)) for a, b in [(1, 2), (30, 4), (37, 48)]]
+    got = confident_answers(model, tok, convs, max_new_tokens=6)
+    model.eval()
+    ended = []
+    for conv, (text, prob) in zip(convs, got):
+        ids, p, new = render_prompt(conv, tok), 1.0, []
+        for _ in range(6):
+            with torch.no_grad():
+                probs = torch.softmax(model(torch.tensor([ids]))[0][0, -1], -1)
+            nxt = int(probs.argmax())
+            p *= float(probs[nxt])
+            ids, new = ids + [nxt], new + [nxt]
+            if nxt == end:
+                break
+        assert text == tok.decode(new[:-1] if new[-1] == end else new)
+        assert prob == pytest.approx(p, rel=1e-4)
+        assert 0 < prob <= 1
+        ended.append(new[-1] == end)
+    assert ended == [True, False, True], ended  # both ways of ending an answer are covered
+
+
+def test_reliability_bins_confidence_and_weighs_the_calibration_error():
+    table, ece = reliability([0.05, 0.15, 0.85, 0.95, 1.0], [False, True, True, True, False], bins=10)
+    assert [(row["low"], row["count"]) for row in table] == [(0.0, 1), (0.1, 1), (0.8, 1), (0.9, 2)]
+    assert table[-1]["confidence"] == pytest.approx(0.975) and table[-1]["accuracy"] == 0.5
+    # |0 - .05| + |1 - .15| + |1 - .85| + 2 * |.5 - .975|, over 5 answers
+    assert ece == pytest.approx((0.05 + 0.85 + 0.15 + 2 * 0.475) / 5)
+    assert reliability([0.7] * 10, [True] * 7 + [False] * 3)[1] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="as many confidences as answers"):
+        reliability([0.5], [True, False])
 
 
 def test_string_answers_are_right():

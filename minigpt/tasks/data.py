@@ -6,8 +6,11 @@ really worked (exact match on held-out questions) instead of eyeballing samples:
 * :func:`arithmetic` -- "What is 37 + 48?" -> "85" (sums and differences of small numbers);
 * :func:`comparisons` -- "Which is larger, 37 or 48?" -> "48" (the same numbers, another rule);
 * :func:`world_qa` -- a little generated world in the system message ("Alice lives in Oslo.
-  Alice has a cat. ...") and questions about it, sometimes two turns long;
-* :func:`string_tasks` -- reverse, spell in capitals, count the letters of made-up words.
+  Alice has a cat. ...") and questions about it, sometimes two turns long, and (a share you
+  choose) questions it does not answer, whose right answer is :data:`UNKNOWN`;
+* :func:`string_tasks` -- reverse, spell in capitals, count the letters of made-up words;
+* :func:`closed_book_qa` -- the same questions about a fixed world the model must remember
+  (:func:`fact_questions`), and about made-up people it cannot know (:func:`stranger_questions`).
 
 Two more make labelled text for classification heads (:mod:`minigpt.classify`) rather than
 conversations: :func:`reviews` (a sentiment-like label per text) and :func:`entity_tags` (an
@@ -129,19 +132,33 @@ PLACES = ("Oslo", "Lima", "Rome", "Paris", "Cairo", "Tokyo", "Delhi", "Quito", "
 PETS = ("cat", "dog", "fish", "horse", "parrot", "rabbit", "snake", "turtle", "goat", "frog")
 
 
+#: The right answer to a question the world does not answer (:func:`world_qa`'s ``unanswerable``).
+UNKNOWN = "I don't know."
+
+
 def world_qa(n: int, *, split: str = "train", seed: int = 0, people: int = 3,
-             two_turns: float = 0.3) -> list[Conversation]:
+             two_turns: float = 0.3, unanswerable: float = 0.0) -> list[Conversation]:
     """Questions about a little world described in the system message.
 
     Each example draws ``people`` people, each living in a different place and keeping a
     different pet, and asks where someone lives, which pet someone has, or who lives somewhere;
-    a fraction ``two_turns`` asks a second question in a second turn. The split is keyed by the
-    world, so a held-out world was never seen in training.
+    a fraction ``two_turns`` asks a second question in a second turn. A fraction ``unanswerable``
+    of the questions ask the same about someone, or somewhere, the world does not mention, and
+    their answer is :data:`UNKNOWN`: the world is all the model may know, so the honest answer is
+    to say so. The split is keyed by the world, so a held-out world was never seen in training.
     """
     if not 1 <= people <= min(len(NAMES), len(PLACES), len(PETS)):
         raise ValueError(f"people={people} must be between 1 and {len(PETS)}")
+    if not 0 <= unanswerable <= 1:
+        raise ValueError(f"unanswerable={unanswerable} is a share of the questions: between 0 and 1")
 
     def question(rng: random.Random, who: list[str], where: list[str], pet: list[str]) -> tuple[str, str]:
+        if unanswerable and rng.random() < unanswerable:  # the same questions, about an outsider
+            kind = rng.randrange(3)
+            if kind == 2:
+                return f"Who lives in {rng.choice([p for p in PLACES if p not in where])}?", UNKNOWN
+            outsider = rng.choice([name for name in NAMES if name not in who])
+            return (f"Where does {outsider} live?" if kind == 0 else f"Which pet does {outsider} have?"), UNKNOWN
         i, kind = rng.randrange(people), rng.randrange(3)
         if kind == 0:
             return f"Where does {who[i]} live?", where[i]
@@ -195,6 +212,56 @@ def string_tasks(n: int, *, split: str = "train", seed: int = 0) -> list[Convers
         return word, Conversation.single(q, a)
 
     return _sample(make, n, split, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed book: a world the model must remember, and people it never met
+# ---------------------------------------------------------------------------------------------
+
+
+def known_world(seed: int = 0) -> dict[str, tuple[str, str]]:
+    """The world the closed-book questions ask about: each of ``NAMES`` lives in one of
+    ``PLACES`` and keeps one of :data:`PETS`, drawn with ``seed``. Unlike :func:`world_qa`'s
+    worlds it is never in the prompt: a model knows it only if it learned it."""
+    rng = random.Random(seed)
+    return {name: (rng.choice(PLACES), rng.choice(PETS)) for name in NAMES}
+
+
+def _about(name: str, kind: int) -> str:
+    return f"Where does {name} live?" if kind == 0 else f"Which pet does {name} have?"
+
+
+def fact_questions(world: int = 0) -> list[Conversation]:
+    """Every question :func:`known_world` answers: where each person lives, which pet each keeps."""
+    return [Conversation.single(_about(name, kind), place if kind == 0 else f"a {pet}")
+            for name, (place, pet) in known_world(world).items() for kind in (0, 1)]
+
+
+def stranger_questions(n: int, *, split: str = "train", seed: int = 0) -> list[Conversation]:
+    """``n`` questions about made-up people the known world does not hold (capitalised made-up
+    words, as :func:`string_tasks` uses), whose honest answer is :data:`UNKNOWN`. Keyed by the name: the held-out
+    strangers were never asked about in training."""
+
+    def make(rng: random.Random) -> tuple[str, Conversation]:
+        name = _word(rng).capitalize()
+        return name, Conversation.single(_about(name, rng.randrange(2)), UNKNOWN)
+
+    return _sample(make, n, split, seed)
+
+
+def closed_book_qa(n: int, *, split: str = "train", seed: int = 0, unanswerable: float = 0.0,
+                   world: int = 0) -> list[Conversation]:
+    """``n`` questions without a context to read: a share ``unanswerable`` about strangers
+    (:func:`stranger_questions` of ``split``), the rest about the known world's facts
+    (:func:`fact_questions`, drawn with replacement: there are only 52). A model trained on them
+    must remember the facts, and learns to say :data:`UNKNOWN` only from the strangers it meets."""
+    if not 0 <= unanswerable <= 1:
+        raise ValueError(f"unanswerable={unanswerable} is a share of the questions: between 0 and 1")
+    rng = random.Random(seed)
+    facts = fact_questions(world)
+    asked = [rng.random() < unanswerable for _ in range(n)]
+    strangers = iter(stranger_questions(sum(asked), split=split, seed=seed))
+    return [next(strangers) if stranger else rng.choice(facts) for stranger in asked]
 
 
 #: The offline tasks by name, each ``f(n, split=..., seed=...)`` -> conversations.

@@ -22,7 +22,8 @@ import torch
 
 from minigpt.chat import END_OF_TURN, Conversation, Message, check_chat_tokenizer, render_prompt
 from minigpt.generate import complete
-from minigpt.model import GPT
+from minigpt.logprobs import pack, token_logprobs
+from minigpt.model import GPT, evaluating
 from minigpt.tokenizer import BPETokenizer
 
 
@@ -123,3 +124,48 @@ def pass_at_k(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conve
     for i, ids in enumerate(outs):
         right[i // samples] += _is_right(_until_end(tokenizer, ids, end), conversations[i // samples])
     return {k: sum(1 - math.comb(samples - c, k) / math.comb(samples, k) for c in right) / len(right) for k in ks}
+
+
+def confident_answers(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation], *,
+                      max_new_tokens: int | None = None, batch_size: int = 64) -> list[tuple[str, float]]:
+    """Each conversation's greedy answer (chat format, as :func:`answers`) and the probability the
+    model gives that answer: the product of its tokens' probabilities, ``<|end|>`` included. How
+    sure the model is of the whole answer, which :func:`reliability` sets against how often
+    answers that sure are right."""
+    if not conversations:
+        return []
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer.encode(c.answer)) for c in conversations) + 4
+    end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
+    prompts = [render_prompt(c, tokenizer) for c in conversations]
+    outs = complete(model, prompts, max_new_tokens, stop_tokens=[end], batch_size=batch_size)
+    device = model.transformer.wte.weight.device
+    probabilities: list[float] = []
+    with evaluating(model), torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = pack(prompts[start:start + batch_size], outs[start:start + batch_size], device=device)
+            probabilities += token_logprobs(model, batch.ids, mask=batch.mask).sum(1).exp().tolist()
+    return [(_until_end(tokenizer, ids, end), p) for ids, p in zip(outs, probabilities)]
+
+
+def reliability(confidences: Sequence[float], right: Sequence[bool], bins: int = 10) -> tuple[list[dict[str, float]], float]:
+    """How well ``confidences`` (probabilities in [0, 1]) predict being ``right``: the answers
+    split into ``bins`` equal-width bins of confidence, each with its count, mean confidence and
+    accuracy (a reliability diagram plots accuracy against confidence: on the diagonal, a model
+    that says 80% is right 80% of the time), and the expected calibration error, the bins'
+    mean ``|accuracy - confidence|`` weighted by their counts. Empty bins are left out."""
+    if len(confidences) != len(right) or not right:
+        raise ValueError(f"reliability needs as many confidences as answers, at least one; got {len(confidences)} "
+                         f"and {len(right)}")
+    if bins < 1:
+        raise ValueError(f"bins={bins} must be at least 1")
+    table = []
+    for b in range(bins):
+        members = [(c, r) for c, r in zip(confidences, right)
+                   if b / bins <= c < (b + 1) / bins or (b == bins - 1 and c == 1.0)]
+        if members:
+            table.append({"low": b / bins, "high": (b + 1) / bins, "count": len(members),
+                          "confidence": sum(c for c, _ in members) / len(members),
+                          "accuracy": sum(r for _, r in members) / len(members)})
+    ece = sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in table) / len(right)
+    return table, ece
