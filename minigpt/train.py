@@ -537,6 +537,7 @@ class Trainer:
     def _sigterm_stops(self) -> Iterator[None]:
         """While training, SIGTERM asks for a stop after the step under way rather than killing the
         process mid-write; the handler before is put back after. (Only the main thread may set one.)"""
+        self._sigterm = False  # a stop asked of an earlier fit is spent: this one trains on
         if threading.current_thread() is not threading.main_thread():
             yield
             return

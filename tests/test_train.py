@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import signal
 import socket
 
 import numpy as np
@@ -256,7 +257,7 @@ def _free_port():
 
 def _parallel_worker(rank: int, world: int, port: int, shard: str, out: str) -> None:
     """DDP, then FSDP, each stopped at step 2 with a checkpoint and resumed by a new Trainer to step
-    4; then an FSDP run in which only rank 1 is told to stop (SIGTERM's flag)."""
+    4; then an FSDP run in which SIGTERM reaches rank 1 alone."""
     from minigpt.errors import Stopped
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
@@ -264,11 +265,18 @@ def _parallel_worker(rank: int, world: int, port: int, shard: str, out: str) -> 
     torch.distributed.init_process_group("gloo")
     ddp = Distributed(rank, rank, world)
 
-    def trainer(parallel, folder):
+    class TermOnRank1(ShardLoader):  # SIGTERM reaches rank 1 alone, in the middle of step 2
+        def next_batch(self):
+            self.served = getattr(self, "served", 0) + 1
+            if self.rank == 1 and self.served == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().next_batch()
+
+    def trainer(parallel, folder, loader=ShardLoader):
         torch.manual_seed(0)
         cfg = TrainConfig(max_steps=4, warmup_steps=0, grad_accum=2, learning_rate=1e-2, parallel=parallel,
                           eval_interval=0, log_interval=1, checkpoint_interval=0)
-        return Trainer(GPT(CONFIG), cfg, ShardLoader([shard], 2, 16, rank, world), ddp=ddp, out_dir=f"{out}/{folder}")
+        return Trainer(GPT(CONFIG), cfg, loader([shard], 2, 16, rank, world), ddp=ddp, out_dir=f"{out}/{folder}")
 
     try:
         losses = {}
@@ -277,9 +285,7 @@ def _parallel_worker(rank: int, world: int, port: int, shard: str, out: str) -> 
             again = trainer(parallel, parallel)
             assert again.resume() and again.step == 2
             losses[parallel] = [r["loss"] for r in again.fit(progress=False)]
-        told = trainer("fsdp", "stopped")
-        told.train_step()
-        told._sigterm = rank == 1
+        told = trainer("fsdp", "stopped", TermOnRank1)
         try:
             told.fit(progress=False)
         except Stopped:
@@ -298,7 +304,7 @@ def test_fsdp_trains_as_ddp_does_and_their_checkpoints_are_one_format(tmp_path):
     assert r0 == r1  # the same mean losses on both ranks, and the same step to stop at
     assert len(r0["fsdp"]) == 4 and r0["fsdp"][-1] < r0["fsdp"][0]
     torch.testing.assert_close(r0["fsdp"], r0["ddp"], rtol=1e-5, atol=0)
-    assert r0["stopped_at"] == 2  # rank 1 was told after step 1: both finished step 2, saved and stopped
+    assert r0["stopped_at"] == 2  # rank 1 was told during step 2: both finished it, saved and stopped
     assert checkpoint_state(tmp_path / "stopped" / "checkpoint.safetensors")["step"] == 2
     fsdp, _ = load_checkpoint(tmp_path / "fsdp" / "checkpoint.safetensors")
     ddp, _ = load_checkpoint(tmp_path / "ddp" / "checkpoint.safetensors")
@@ -308,8 +314,6 @@ def test_fsdp_trains_as_ddp_does_and_their_checkpoints_are_one_format(tmp_path):
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_on_the_curve(tmp_path):
-    import signal
-
     from minigpt.errors import Stopped
 
     class TermAtBatch(ShardLoader):  # SIGTERM arrives in the middle of step 3 (its first micro-batch)
@@ -331,6 +335,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_on_the_curve
     resumed = Trainer(_model(1), cfg, ShardLoader([_shard(tmp_path)], 2, 16), out_dir=tmp_path / "run")
     assert resumed.resume() and resumed.step == 3
     assert [r["loss"] for r in resumed.fit(progress=False)] == [r["loss"] for r in straight]
+    stopped.train_data.served = 99  # no second signal: the stop asked of the first fit is spent
+    assert [r["loss"] for r in stopped.fit(progress=False)] == [r["loss"] for r in straight]  # in the same process
 
 
 def test_the_clock_counts_evaluation_and_checkpoints_and_the_budget_skips_costly_saves(tmp_path, monkeypatch):
