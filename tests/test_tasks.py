@@ -146,6 +146,8 @@ def test_reliability_bins_confidence_and_weighs_the_calibration_error():
     # |0 - .05| + |1 - .15| + |1 - .85| + 2 * |.5 - .975|, over 5 answers
     assert ece == pytest.approx((0.05 + 0.85 + 0.15 + 2 * 0.475) / 5)
     assert reliability([0.7] * 10, [True] * 7 + [False] * 3)[1] == pytest.approx(0.0)
+    table, ece = reliability(torch.tensor([0.2, 0.9]).numpy(), [False, True], bins=2)  # an array in, plain floats out
+    assert type(ece) is float and all(type(row["confidence"]) is float for row in table)
     with pytest.raises(ValueError, match="as many confidences as answers"):
         reliability([0.5], [True, False])
 

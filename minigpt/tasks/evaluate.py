@@ -159,6 +159,7 @@ def reliability(confidences: Sequence[float], right: Sequence[bool], bins: int =
                          f"and {len(right)}")
     if bins < 1:
         raise ValueError(f"bins={bins} must be at least 1")
+    confidences = [float(c) for c in confidences]  # plain floats out, whatever array came in
     table = []
     for b in range(bins):
         members = [(c, r) for c, r in zip(confidences, right)
