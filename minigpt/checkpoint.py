@@ -164,6 +164,7 @@ def checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
 class CheckpointContents:
     """What a checkpoint file holds, as full (unsharded) CPU tensors."""
 
+    path: Path
     config: GPTConfig
     weights: dict[str, torch.Tensor]  # the model's state dict (a tied head stored once)
     optimizer: dict[str, Any] | None  # in the format of ``optimizer.state_dict()``; None if not saved
@@ -177,6 +178,12 @@ class CheckpointContents:
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
 
+    def resumable_optimizer(self) -> dict[str, Any]:
+        """The optimizer state, which resuming training needs: an error naming the file if it has none."""
+        if self.optimizer is None:
+            raise ValueError(f"{self.path} has no optimizer state; it cannot resume training")
+        return self.optimizer
+
 
 def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
     """Everything in the checkpoint at ``path``, its header checked first (:func:`checkpoint_config`)."""
@@ -184,7 +191,7 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
     checkpoint_config(path)
     tensors, meta = _open(path)
     return CheckpointContents(
-        config=GPTConfig(**meta["config"]),
+        path=path, config=GPTConfig(**meta["config"]),
         weights={k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
         optimizer=_optimizer_state(tensors, meta["optimizer"]) if "optimizer" in meta else None,
         rng={k: v for k, v in tensors.items() if k.startswith("rng.")}, state=meta["state"])
@@ -206,17 +213,10 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = Non
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise ValueError(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
     if optimizer is not None:
-        optimizer.load_state_dict(require_optimizer(contents, path))
+        optimizer.load_state_dict(contents.resumable_optimizer())
     if restore_rng:
         contents.restore_rng()
     return gpt, contents.state
-
-
-def require_optimizer(contents: CheckpointContents, path: str | os.PathLike) -> dict[str, Any]:
-    """The optimizer state of a checkpoint that must resume training."""
-    if contents.optimizer is None:
-        raise ValueError(f"{path} has no optimizer state; it cannot resume training")
-    return contents.optimizer
 
 
 def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:

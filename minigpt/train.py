@@ -31,7 +31,6 @@ from minigpt.checkpoint import (
     checkpoint_state,
     load_checkpoint,
     read_checkpoint,
-    require_optimizer,
     save_checkpoint,
 )
 from minigpt.errors import MinigptError, Stopped
@@ -591,7 +590,7 @@ class Trainer:
             from minigpt.fsdp import load_full_state
 
             contents = read_checkpoint(path)
-            load_full_state(self.raw_model, self.optimizer, contents.weights, require_optimizer(contents, path))
+            load_full_state(self.raw_model, self.optimizer, contents.weights, contents.resumable_optimizer())
             contents.restore_rng()
             state = contents.state
         else:

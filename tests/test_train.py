@@ -208,6 +208,12 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         load_checkpoint(tmp_path / "nope.safetensors")
 
 
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _ddp_worker(rank: int, world: int, port: int, shard: str, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -228,10 +234,7 @@ def _ddp_worker(rank: int, world: int, port: int, shard: str, out: str) -> None:
 
 
 def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(_shard(tmp_path)), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(_shard(tmp_path)), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert torch.equal(r0["params"], r1["params"])
     assert not torch.equal(r0["first_batch"], r1["first_batch"])  # each rank reads its own slice
@@ -247,12 +250,6 @@ def test_checkpoints_get_the_mode_of_any_new_file(tmp_path):
     plain.write_text("x")
     path = write_safetensors(tmp_path / "a.safetensors", {"a": torch.zeros(2)}, {})
     assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _parallel_worker(rank: int, world: int, port: int, shard: str, out: str) -> None:

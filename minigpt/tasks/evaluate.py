@@ -48,6 +48,23 @@ def _is_right(answer: str, conversation: Conversation) -> bool:
     return normalize_answer(answer) == normalize_answer(conversation.answer)
 
 
+def _answer_budget(max_new_tokens: int | None, tokenizer: BPETokenizer, conversations: Sequence[Conversation]) -> int:
+    """``max_new_tokens`` if given, else enough for the longest expected answer and 4 more (a wrong
+    answer may run longer)."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    return max(len(tokenizer.encode(c.answer)) for c in conversations) + 4
+
+
+def _chat_completions(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conversation],
+                      max_new_tokens: int, batch_size: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """Each conversation's chat prompt, the model's greedy continuation (ending with ``<|end|>``
+    if it came) and the id of ``<|end|>``."""
+    end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
+    prompts = [render_prompt(c, tokenizer) for c in conversations]
+    return prompts, complete(model, prompts, max_new_tokens, stop_tokens=[end], batch_size=batch_size), end
+
+
 def few_shot_prompt(shots: Sequence[Conversation], conversation: Conversation) -> str:
     """Plain text that shows a base model worked examples, then the question::
 
@@ -73,12 +90,9 @@ def answers(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Convers
     """
     if not conversations:
         return []
-    if max_new_tokens is None:
-        max_new_tokens = max(len(tokenizer.encode(c.answer)) for c in conversations) + 4
+    max_new_tokens = _answer_budget(max_new_tokens, tokenizer, conversations)
     if few_shot is None:
-        end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
-        prompts = [render_prompt(c, tokenizer) for c in conversations]
-        outs = complete(model, prompts, max_new_tokens, stop_tokens=[end], batch_size=batch_size)
+        _, outs, end = _chat_completions(model, tokenizer, conversations, max_new_tokens, batch_size)
         return [_until_end(tokenizer, ids, end) for ids in outs]
     newline = [i for i, b in tokenizer.vocab.items() if b"\n" in b]
     prompts = [tokenizer.encode(few_shot_prompt(few_shot, c)) for c in conversations]
@@ -113,8 +127,7 @@ def pass_at_k(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conve
     if not ks or min(ks) < 1 or max(ks) > samples:
         raise ValueError(f"every k must be between 1 and samples={samples}, got ks={list(ks)}; "
                          "draw more samples to estimate a larger k")
-    if max_new_tokens is None:
-        max_new_tokens = max(len(tokenizer.encode(c.answer)) for c in conversations) + 4
+    max_new_tokens = _answer_budget(max_new_tokens, tokenizer, conversations)
     end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
     prompts = [render_prompt(c, tokenizer) for c in conversations for _ in range(samples)]
     generator = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(seed)
@@ -134,11 +147,8 @@ def confident_answers(model: GPT, tokenizer: BPETokenizer, conversations: Sequen
     answers that sure are right."""
     if not conversations:
         return []
-    if max_new_tokens is None:
-        max_new_tokens = max(len(tokenizer.encode(c.answer)) for c in conversations) + 4
-    end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
-    prompts = [render_prompt(c, tokenizer) for c in conversations]
-    outs = complete(model, prompts, max_new_tokens, stop_tokens=[end], batch_size=batch_size)
+    prompts, outs, end = _chat_completions(model, tokenizer, conversations,
+                                           _answer_budget(max_new_tokens, tokenizer, conversations), batch_size)
     device = model.transformer.wte.weight.device
     probabilities: list[float] = []
     with evaluating(model), torch.no_grad():
