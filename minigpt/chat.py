@@ -157,6 +157,19 @@ class Conversation:
         return "".join(f"{ROLE_TOKENS[m.role]}{m.content}{END_OF_TURN}" for m in self.messages)
 
 
+#: The names of prompt tuning's learned tokens (:func:`minigpt.peft.soft_prompt`). They are the only
+#: special tokens a message may hold, and only a system message: the operator's, never the user's.
+SOFT_TOKEN = "<|soft_{}|>"
+
+
+def _content_ids(message: Message, tokenizer: BPETokenizer) -> list[int]:
+    """The ids of a message's text; a system message may hold the tokenizer's soft tokens."""
+    if message.role != "system":
+        return tokenizer.encode(message.content)
+    soft = SOFT_TOKEN.split("{", 1)[0]
+    return tokenizer.encode(message.content, allowed_special={t for t in tokenizer.special_tokens if t.startswith(soft)})
+
+
 def render(conversation: Conversation, tokenizer: BPETokenizer, *, max_tokens: int | None = None,
            truncate: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of ``conversation`` and, for each id, whether the model learns to predict it.
@@ -173,7 +186,7 @@ def render(conversation: Conversation, tokenizer: BPETokenizer, *, max_tokens: i
     ids: list[int] = []
     mask: list[bool] = []
     for m in conversation.messages:
-        content = tokenizer.encode(m.content)
+        content = _content_ids(m, tokenizer)
         learn = m.role == "assistant"
         ids += [ids_of[ROLE_TOKENS[m.role]], *content, ids_of[END_OF_TURN]]
         mask += [False, *[learn] * len(content), learn]
@@ -201,7 +214,7 @@ def render_prompt(messages: Conversation | Iterable[MessageLike], tokenizer: BPE
     ids_of = check_chat_tokenizer(tokenizer)
     ids: list[int] = []
     for m in msgs:
-        ids += [ids_of[ROLE_TOKENS[m.role]], *tokenizer.encode(m.content), ids_of[END_OF_TURN]]
+        ids += [ids_of[ROLE_TOKENS[m.role]], *_content_ids(m, tokenizer), ids_of[END_OF_TURN]]
     return [*ids, ids_of[ROLE_TOKENS["assistant"]]]
 
 

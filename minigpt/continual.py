@@ -53,6 +53,8 @@ __all__ = [
     "fisher_diagonal",
     "forgetting_table",
     "replay_mix",
+    "TwoTasks",
+    "two_tasks",
     "without_adapters",
 ]
 
@@ -157,6 +159,28 @@ class ContinualResult:
         return self.a_before - self.a_after
 
 
+@dataclass
+class TwoTasks:
+    """Task A's model and both tasks' data, as ``recipe.continual`` sizes them."""
+
+    model_a: GPT
+    tokenizer: BPETokenizer
+    a_train: list[Conversation]
+    a_test: list[Conversation]
+    b_train: list[Conversation]
+    b_test: list[Conversation]
+
+
+def two_tasks(recipe: Recipe) -> TwoTasks:
+    """Chapter 5's arithmetic model (trained on first use, then cached) and the data of tasks A and B."""
+    s, seed = recipe.continual, recipe.seed
+    model_a, tok = trained(recipe, "sft")
+    return TwoTasks(model_a, tok, arithmetic(None, split="train", seed=seed, max_operand=recipe.sft.max_operand),
+                    problems(recipe, "test", s.n_test_a),
+                    comparisons(s.n_train_b, split="train", seed=seed, max_operand=s.max_operand),
+                    comparisons(s.n_test_b, split="test", seed=seed, max_operand=s.max_operand))
+
+
 def continual(recipe: Recipe, out_dir: str | os.PathLike, *, methods: Sequence[str] = METHODS,
               progress: bool = False) -> list[ContinualResult]:
     """Learn task B after task A by each of ``methods`` (:data:`METHODS`) with ``recipe.continual``,
@@ -165,11 +189,9 @@ def continual(recipe: Recipe, out_dir: str | os.PathLike, *, methods: Sequence[s
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
     s, seed = recipe.continual, recipe.seed
-    model_a, tok = trained(recipe, "sft")
-    a_train = arithmetic(None, split="train", seed=seed, max_operand=recipe.sft.max_operand)
-    a_test = problems(recipe, "test", s.n_test_a)
-    b_train = comparisons(s.n_train_b, split="train", seed=seed, max_operand=s.max_operand)
-    b_test = comparisons(s.n_test_b, split="test", seed=seed, max_operand=s.max_operand)
+    tasks = two_tasks(recipe)
+    model_a, tok, a_train, a_test = tasks.model_a, tasks.tokenizer, tasks.a_train, tasks.a_test
+    b_train, b_test = tasks.b_train, tasks.b_test
     a_before, b_before = exact_match(model_a, tok, a_test), exact_match(model_a, tok, b_test)
     results = []
     for method in methods:

@@ -205,18 +205,17 @@ def apply_lora(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, r: in
     :class:`TokenRows`) and every parameter of the modules named by ``train_also``.
 
     Names are dotted suffixes ("c_proj" is both attn.c_proj and mlp.c_proj). The output head is
-    left alone unless named in ``targets``.
+    left alone unless named in ``targets``. No ``targets`` with some ``token_rows`` trains those rows
+    alone (prompt tuning's soft tokens, :func:`minigpt.peft.soft_prompt`).
     """
     if isinstance(targets, str):
         targets = (targets,)
-    if isinstance(train_also, str):
-        train_also = (train_also,)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has LoRA adapters; merge or load into a fresh model instead")
     for p in model.parameters():
         p.requires_grad_(False)
     chosen = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(name, targets)]
-    if not chosen:
+    if not chosen and (targets or not len(token_rows)):
         linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"no nn.Linear matches targets {list(targets)}; this model's linear layers "
                          f"are named {linears}")
@@ -232,9 +231,18 @@ def apply_lora(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, r: in
                              "its output head (lm_head)")
         rows = TokenRows(wte, token_rows)
         model.transformer.wte, model.lm_head = rows, TiedHead(rows)
-    also = [(name, m) for name, m in model.named_modules() if name and _matches(name, train_also)]
-    if train_also and not also:
-        raise ValueError(f"no module matches train_also {list(train_also)}")
+    train_modules(model, train_also)
+    return model
+
+
+def train_modules(model: nn.Module, names: Sequence[str]) -> None:
+    """Let every parameter of the modules named by ``names`` (dotted suffixes, as ``"ln_1"``) train
+    again in a frozen model: small modules beside the adapters, such as the LayerNorms."""
+    if isinstance(names, str):
+        names = (names,)
+    also = [(name, m) for name, m in model.named_modules() if name and _matches(name, names)]
+    if names and not also:
+        raise ValueError(f"no module matches train_also {list(names)}")
     wte = getattr(getattr(model, "transformer", None), "wte", None)
     table = getattr(wte, "weight", None)
     for name, module in also:
@@ -243,7 +251,6 @@ def apply_lora(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, r: in
                              "to the output head; use token_rows for the rows that should train")
         for p in module.parameters():
             p.requires_grad_(True)
-    return model
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -290,7 +297,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What :func:`apply_lora` made trainable, alone (CPU copies): ``<layer>.lora_A`` and
     ``<layer>.lora_B``, the token rows' ``delta`` and ``token_ids``, and the ``train_also``
     modules' parameters."""
-    if not any(True for _ in lora_layers(model)):
+    if not any(True for _ in _mergeable(model)):
         raise ValueError("the model has no LoRA adapters; call apply_lora(model, ...) first")
     for name, layer in _mergeable(model):
         if layer.merged:
@@ -304,8 +311,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapters (and their rank and alpha) to a safetensors file, atomically."""
     state = lora_state_dict(model)  # refuses a model without adapters, or with merged ones
-    _, first = next(lora_layers(model))
-    return write_safetensors(path, state, {"format": "minigpt-lora", "r": str(first.r), "alpha": str(first.alpha)})
+    first = next((layer for _, layer in lora_layers(model)), None)  # none: token rows alone (prompt tuning)
+    shape = {"r": str(first.r), "alpha": str(first.alpha)} if first is not None else {}
+    return write_safetensors(path, state, {"format": "minigpt-lora", **shape})
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -318,7 +326,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if meta.get("format") != "minigpt-lora":
         raise ValueError(f"{path} is not a minigpt LoRA file (save one with minigpt.lora.save_lora)")
     layers = dict(lora_layers(model))
-    if not layers:
+    if not any(True for _ in _mergeable(model)):
         raise ValueError(f"the model has no LoRA adapters to load {path} into; call apply_lora(model, "
                          f"r={meta.get('r')}, alpha={meta.get('alpha')}, targets=...) first")
     ours = {name: p for name, p in model.named_parameters() if p.requires_grad}

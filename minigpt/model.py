@@ -288,6 +288,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
+        #: Prefix tuning (:class:`minigpt.peft.PrefixKV`): learned keys and values that every query
+        #: sees before the tokens' own; None in a plain model.
+        self.prefix: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, need_weights: bool = False,
                 padding: Padding | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -316,6 +319,8 @@ class CausalSelfAttention(nn.Module):
         if G != H:  # each key/value head serves H / G consecutive query heads
             k, v = (t.repeat_interleave(H // G, dim=1) for t in (k, v))
         allowed = padding.allowed if padding is not None else None
+        if self.prefix is not None:  # kept out of the cache: prepended at every call
+            k, v, allowed = self.prefix(k, v, allowed, T, self.causal)
         if need_weights or self.attn_impl == "naive":
             y, att = self._naive(q, k, v, allowed)
         else:

@@ -39,7 +39,8 @@ _POSITIVE = ("tokenizer.corpus_chars", "tokenizer.vocab_size", "model.n_layer", 
              "instruct.max_tokens", "instruct.n_test",
              "rlhf.ppo.batch_size", "rlhf.dpo.batch_size", "rlhf.grpo.prompts_per_step", "classify.batch_size",
              "classify.lora_rank", "generation.rows", "blocks.batch_size", "continual.batch_size",
-             "continual.lora_rank", "honesty.batch_size", "honesty.n_test", "vision.patch", "vision.batch_size", "objectives.n_layer",
+             "continual.lora_rank", "peft.steps", "peft.batch_size", "peft.lora_rank", "peft.bottleneck",
+             "peft.prefix_length", "peft.prompt_length", "honesty.batch_size", "honesty.n_test", "vision.patch", "vision.batch_size", "objectives.n_layer",
              "objectives.n_head", "objectives.n_embd", "objectives.block_size", "objectives.steps",
              "objectives.batch_size", "objectives.n_test")
 
@@ -259,6 +260,25 @@ class ContinualRecipe:
 
 
 @dataclass(frozen=True)
+class PEFTRecipe:
+    """Chapter 13: chapter 10's task B learned by six methods (:mod:`minigpt.peft_compare`),
+    each for the same steps and batches; the sizes make LoRA and adapters train about as many
+    parameters."""
+
+    steps: int
+    batch_size: int  # conversations per step
+    warmup_steps: int
+    full_learning_rate: float  # every weight trains: the smallest step
+    learning_rate: float  # LoRA and adapters: new matrices
+    vector_learning_rate: float  # (IA)^3, prefix and prompt tuning: a few vectors, which want larger steps
+    lora_rank: int
+    bottleneck: int  # the adapters' width
+    prefix_length: int  # learned keys and values per layer
+    prompt_length: int  # soft tokens
+    train_also: tuple[str, ...] = ("ln_1", "ln_2", "ln_f")  # trained beside every method's own parameters
+
+
+@dataclass(frozen=True)
 class HonestyRecipe:
     """Chapter 12: closed-book questions, some about people the model cannot know."""
 
@@ -304,6 +324,7 @@ class Recipe:
     generation: GenerationRecipe
     blocks: BlocksRecipe
     continual: ContinualRecipe
+    peft: PEFTRecipe
     honesty: HonestyRecipe
     vision: VisionRecipe
     optim: OptimRecipe = field(default_factory=OptimRecipe)
@@ -396,6 +417,8 @@ RECIPES: dict[str, Recipe] = {
                                   learning_rate=3e-3, replay=0.5, ewc_strength=1e4, fisher_examples=200,
                                   lora_steps=200, lora_learning_rate=1e-2,
                                   lora_rank=4),
+        peft=PEFTRecipe(steps=400, batch_size=128, warmup_steps=20, full_learning_rate=3e-3, learning_rate=2e-2,
+                        vector_learning_rate=1e-1, lora_rank=2, bottleneck=8, prefix_length=8, prompt_length=8),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=6e-3),
         honesty=HonestyRecipe(steps=1000, batch_size=32, learning_rate=1e-2, warmup_steps=20, n_train=20000, n_test=100,
                               shares=(0.0, 0.2), share=0.2),
@@ -429,6 +452,8 @@ RECIPES: dict[str, Recipe] = {
                                   learning_rate=2e-3, replay=0.5, ewc_strength=300.0, fisher_examples=500,
                                   lora_steps=400, lora_learning_rate=1e-2,
                                   lora_rank=8),
+        peft=PEFTRecipe(steps=800, batch_size=128, warmup_steps=40, full_learning_rate=2e-3, learning_rate=2e-2,
+                        vector_learning_rate=1e-1, lora_rank=4, bottleneck=16, prefix_length=8, prompt_length=8),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=4e-3),
         honesty=HonestyRecipe(steps=300, batch_size=32, learning_rate=3e-3, warmup_steps=50, n_train=20000, n_test=300,
                               shares=(0.0, 0.003, 0.01, 0.03, 0.1), share=0.1),
@@ -461,6 +486,8 @@ RECIPES: dict[str, Recipe] = {
                                   learning_rate=5e-4, replay=0.5, ewc_strength=300.0, fisher_examples=1000,
                                   lora_steps=1500, lora_learning_rate=3e-3,
                                   lora_rank=16),
+        peft=PEFTRecipe(steps=1000, batch_size=64, warmup_steps=50, full_learning_rate=5e-4, learning_rate=3e-3,
+                        vector_learning_rate=3e-2, lora_rank=8, bottleneck=32, prefix_length=16, prompt_length=16),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=2e-3),
         honesty=HonestyRecipe(steps=500, batch_size=64, learning_rate=3e-4, warmup_steps=50, n_train=40000, n_test=1000,
                               shares=(0.0, 0.003, 0.01, 0.03, 0.1), share=0.1),
@@ -493,6 +520,8 @@ RECIPES: dict[str, Recipe] = {
                                   learning_rate=2e-4, replay=0.5, ewc_strength=300.0, fisher_examples=1000,
                                   lora_steps=1500, lora_learning_rate=2e-3,
                                   lora_rank=16),
+        peft=PEFTRecipe(steps=1000, batch_size=64, warmup_steps=50, full_learning_rate=2e-4, learning_rate=2e-3,
+                        vector_learning_rate=3e-2, lora_rank=16, bottleneck=64, prefix_length=16, prompt_length=16),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=1.2e-3),
         honesty=HonestyRecipe(steps=500, batch_size=64, learning_rate=3e-4, warmup_steps=50, n_train=40000, n_test=1000,
                               shares=(0.0, 0.003, 0.01, 0.03, 0.1), share=0.1),

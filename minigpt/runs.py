@@ -38,6 +38,7 @@ from minigpt.data import cache_dir
 from minigpt.errors import MinigptError
 from minigpt.lora import apply_lora
 from minigpt.model import GPT
+from minigpt.peft import apply_peft
 from minigpt.recipe import Recipe, flatten
 from minigpt.tokenizer import BPETokenizer
 from minigpt.train import kept_checkpoint_path, read_metrics
@@ -381,7 +382,8 @@ def find_or_make(recipe: Recipe, stage: str, *, progress: bool = False,
 def load_run(folder: str | os.PathLike, *, step: int | None = None,
              device: str | None = None) -> tuple[GPT, BPETokenizer]:
     """The model (in eval mode) and tokenizer of any run folder: its last checkpoint or the one
-    kept at ``step``, with LoRA's adapters in place when the run trained them."""
+    kept at ``step``, with LoRA's adapters (or another method's of :mod:`minigpt.peft`) in place
+    when the run trained them."""
     folder = Path(folder)
     info = read_run(folder)
     path = folder / "checkpoint.safetensors" if step is None else kept_checkpoint_path(folder, step)
@@ -392,6 +394,8 @@ def load_run(folder: str | os.PathLike, *, step: int | None = None,
     if info.extra.get("lora"):
         lora = info.extra["lora"]
         apply_lora(model, **{**lora, "targets": tuple(lora["targets"]), "train_also": tuple(lora["train_also"])})
+    if info.extra.get("peft"):
+        apply_peft(model, **info.extra["peft"])
     load_checkpoint(path, model)
     tokenizer = BPETokenizer.load(folder / "tokenizer.bpe")
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tokenizer

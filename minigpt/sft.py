@@ -55,6 +55,7 @@ from minigpt.chat import (
 )
 from minigpt.lora import DEFAULT_TARGETS, apply_lora, save_lora, trainable_fraction
 from minigpt.model import GPT, GPTConfig
+from minigpt.peft import apply_peft
 from minigpt.recipe import Recipe, override
 from minigpt.runs import begin_run, find_or_make, finish_run, load_run, read_run, run_info, run_lock
 from minigpt.tasks import TASKS, answers, arithmetic, exact_match, make_task
@@ -362,7 +363,7 @@ class SFTRun:
 def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
         tokenizer: BPETokenizer | None = None, task: str = "arithmetic",
         train: Sequence[Conversation] | None = None, test: Sequence[Conversation] | None = None,
-        lora: bool | Mapping[str, Any] | None = None, stage: Stage = "sft",
+        lora: bool | Mapping[str, Any] | None = None, peft: Mapping[str, Any] | None = None, stage: Stage = "sft",
         too_long: TooLong = "error", resume: bool = True, progress: bool = True,
         batch_size: int | None = None, stop_at: int | None = None, keep_steps: Sequence[int] = (),
         penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, **train_overrides: Any) -> SFTRun:
@@ -372,8 +373,9 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     trains only LoRA adapters, token rows and small modules with :func:`lora_settings`; a dict
     overrides them (``targets``, ``r``, ``alpha``, ``dropout``, ``train_also``, and ``token_rows``:
     a number of rows for :func:`lora_token_ids` to choose from the training data, or the token ids
-    themselves). ``run.json`` records the ids, so :func:`~minigpt.runs.load_run` rebuilds the same
-    model. Checkpoints, metrics, ``tokenizer.bpe``, ``run.json`` and, with LoRA, ``lora.safetensors``
+    themselves). ``peft={"method": "adapter", "bottleneck": 16}`` trains instead one of the methods
+    of :func:`minigpt.peft.apply_peft` (``"adapter"``, ``"ia3"``, ``"prefix"``). ``run.json`` records
+    either, so :func:`~minigpt.runs.load_run` rebuilds the same model. Checkpoints, metrics, ``tokenizer.bpe``, ``run.json`` and, with LoRA, ``lora.safetensors``
     go to ``out_dir``; a run with a checkpoint there continues from it, a folder of a run made
     otherwise is refused, and ``resume=False`` starts over (:func:`~minigpt.runs.begin_run`); a folder
     another run trains into is refused (:func:`~minigpt.runs.run_lock`). ``train_overrides``
@@ -392,8 +394,10 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     """
     if stage not in ("sft", "chat", "instruct"):
         raise ValueError(f"stage={stage!r} must be 'sft', 'chat' or 'instruct'")
-    if stage != "sft" and lora:
-        raise ValueError(f"the {stage} model trains in full; LoRA is for the sft stage")
+    if stage != "sft" and (lora or peft):
+        raise ValueError(f"the {stage} model trains in full; LoRA and the other PEFT methods are for the sft stage")
+    if lora and peft:
+        raise ValueError("give lora or peft, not both: one method of fine-tuning per run")
     ddp, device = init_distributed(recipe.device)
     if batch_size is not None:
         recipe = override(recipe, {f"{stage}.batch_size": batch_size})
@@ -419,6 +423,10 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
                            train_also=_names(lora_kwargs.get("train_also", ())))
         torch.manual_seed(cfg.seed)  # the adapters' A matrices are random
         apply_lora(model, **lora_kwargs)
+    if peft:
+        peft = dict(peft)
+        torch.manual_seed(cfg.seed)  # adapters and prefixes start random
+        apply_peft(model, **peft)
     val = SFTSource(test, tok, min(batch_size, len(test)), block, shuffle=False, too_long="drop")
     if "eval_steps" not in train_overrides:  # no more validation batches than the held-out set fills
         cfg = dataclasses.replace(cfg, eval_steps=max(1, min(cfg.eval_steps, len(val) // val.batch_size)))
@@ -432,7 +440,7 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     info = run_info(recipe, "lora" if lora_kwargs else stage, parent=parent,
                     parts=(*shape, "optim", stage, *(("lora",) if lora else ())),
                     module="minigpt.sft" if stage == "sft" else "minigpt.chatbot", train=train_overrides,
-                    extra={"task": task if generated else "custom", "lora": lora_kwargs})
+                    extra={"task": task if generated else "custom", "lora": lora_kwargs, "peft": peft})
     with run_lock(out) if ddp.is_main else nullcontext():  # the folder is this run's until it ends
         if ddp.is_main:
             begin_run(out, info, resume=resume)
@@ -446,6 +454,8 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
             if lora_kwargs:
                 shown = {**lora_kwargs, "token_rows": f"{len(lora_kwargs['token_rows'])} ids"}
                 what = f"LoRA {shown}, {trainable_fraction(model):.2%} of parameters trainable"
+            if peft:
+                what = f"{peft['method']} {peft}, {trainable_fraction(model):.2%} of parameters trainable"
             print(f"SFT: {len(source)} conversations ({source.dropped} dropped), {len(test)} held out; {what}; "
                   f"{cfg.max_steps} steps of {batch_size} conversations on {device}")
         trainer.fit(progress=progress, stop_at=stop_at, keep_steps=keep_steps)
