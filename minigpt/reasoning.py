@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from minigpt.chat import Conversation, render, with_chat_tokens
+from minigpt.chat import Conversation, render_prompt, with_chat_tokens
 from minigpt.model import GPT, GPTConfig
 from minigpt.recipe import Recipe
 from minigpt.rlhf.grpo import grpo
@@ -36,6 +36,7 @@ from minigpt.rlhf.run import mean_reward
 from minigpt.sft import SFTRun, sft
 from minigpt.tasks import answers
 from minigpt.tasks.data import _sample
+from minigpt.tasks.evaluate import _answer_budget
 from minigpt.tokenizer import BPETokenizer
 
 __all__ = ["ANSWER_MARKER", "HINTS", "ReasonerRun", "addition_question", "addition_working", "byte_tokenizer",
@@ -168,15 +169,12 @@ def byte_tokenizer() -> BPETokenizer:
     return with_chat_tokens(BPETokenizer([], name="bytes"))
 
 
-#: Tokens a reply may run past the expected answer's length when it is measured (as
-#: :func:`~minigpt.tasks.evaluate.answers` allows): the block holds them too.
-SLACK = 4
-
-
 def _longest(digits: int, tokenizer: BPETokenizer) -> int:
-    """Tokens of the longest worked conversation with ``digits``-digit numbers, and the slack."""
+    """Tokens the longest worked sum of ``digits``-digit numbers needs: its prompt and the reply
+    :func:`~minigpt.tasks.evaluate.answers` allows it (the expected one and a few more)."""
     top = 10 ** digits - 1  # every column carries: the sum has a digit more
-    return len(render(Conversation.single(hinted_question(top, top), addition_working(top, top)), tokenizer)[0]) + SLACK
+    conv = Conversation.single(hinted_question(top, top), addition_working(top, top))
+    return len(render_prompt(conv, tokenizer)) + _answer_budget(None, tokenizer, [conv])
 
 
 def reasoning_model(recipe: Recipe, tokenizer: BPETokenizer, *, seed: int | None = None) -> GPT:
@@ -249,14 +247,10 @@ def sampled_accuracy_by_digits(model: GPT, tokenizer: BPETokenizer, tests: Mappi
                                temperature: float = 1.0, samples: int = 4, seed: int = 3) -> dict[int, float]:
     """For each length, the share of replies sampled at ``temperature`` whose final answer is right:
     what GRPO's reward averages over, before and after."""
-    longest = max(_budget(tokenizer, convs) for convs in tests.values())
+    longest = max(_answer_budget(None, tokenizer, convs) for convs in tests.values())
     return {d: mean_reward(model, tokenizer, list(convs), correct_final, max_new_tokens=longest,
                            temperature=temperature, samples=samples, seed=seed)
             for d, convs in tests.items()}
-
-
-def _budget(tokenizer: BPETokenizer, conversations: Sequence[Conversation]) -> int:
-    return max(len(tokenizer.encode(c.answer)) for c in conversations) + SLACK
 
 
 def grpo_on_working(recipe: Recipe, start: ReasonerRun) -> tuple[GPT, list[dict[str, Any]]]:
@@ -271,6 +265,6 @@ def grpo_on_working(recipe: Recipe, start: ReasonerRun) -> tuple[GPT, list[dict[
     per_length = r.grpo.steps * r.grpo.prompts_per_step // len(r.grpo_digits) + 1  # enough never to repeat one
     prompts = [c for d in r.grpo_digits
                for c in long_addition(per_length, digits=d, min_digits=d, working=True, seed=recipe.seed + 1)]
-    cfg = dataclasses.replace(r.grpo, max_completion_length=_budget(start.tokenizer, prompts))
+    cfg = dataclasses.replace(r.grpo, max_completion_length=_answer_budget(None, start.tokenizer, prompts))
     policy = copy.deepcopy(start.model)
     return grpo(policy, start.model, start.tokenizer, prompts, correct_final, cfg, log_interval=5, seed=recipe.seed)

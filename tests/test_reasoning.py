@@ -6,11 +6,10 @@ import re
 import pytest
 import torch
 
-from minigpt.chat import render
+from minigpt.chat import Conversation, render_prompt
 from minigpt.reasoning import (
     ANSWER_MARKER,
     HINTS,
-    SLACK,
     addition_question,
     addition_working,
     byte_tokenizer,
@@ -108,10 +107,10 @@ def test_the_models_block_holds_the_longest_sum_and_scoring_reads_the_final_answ
     model = reasoning_model(ci, tok)
     r = ci.reasoning
     top = 10 ** r.test_digits - 1
-    from minigpt.chat import Conversation
-
-    longest = render(Conversation.single(hinted_question(top, top), addition_working(top, top)), tok)[0]
-    assert model.config.block_size == len(longest) + SLACK and model.config.position == "rope"
+    longest = Conversation.single(hinted_question(top, top), addition_working(top, top))
+    # the prompt and the reply answers() allows it: the expected one and 4 tokens more
+    assert model.config.block_size == len(render_prompt(longest, tok)) + len(tok.encode(longest.answer)) + 4
+    assert model.config.position == "rope"
     torch.testing.assert_close(reasoning_model(ci, tok).lm_head.weight, model.lm_head.weight)
     tests = digit_tests(ci)
     assert sorted(tests) == list(range(1, r.test_digits + 1)) and len(tests[1]) == min(10, r.n_test)
