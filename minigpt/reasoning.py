@@ -61,8 +61,9 @@ def addition_question(a: int, b: int) -> str:
 
 def hint_offset(a: int, b: int) -> int:
     """Which letter of :data:`HINTS` marks the units column: drawn from the question's hash, so
-    the same question always looks the same, and across questions every letter marks every
-    column (the letters of a long number's high columns were seen with short numbers too)."""
+    the same question always looks the same, while a column's letter changes from one question to
+    the next (no letter stands for a column, and the letters a long number's high columns need
+    were seen on short numbers too)."""
     room = len(HINTS) - max(len(str(a)), len(str(b)))  # the sum may have one more column
     if room < 1:
         raise ValueError(f"{a} + {b} has more columns than the {len(HINTS)} place markers allow (at most "

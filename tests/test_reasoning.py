@@ -66,9 +66,9 @@ def test_final_answer_reads_after_the_marker_and_refuses_what_is_not_a_number():
     assert final_answer("a1+5+0=06 Answer: d5c1b0a6") == "5106"
     assert final_answer("Answer: 12 Answer: b4a2") == "42"  # the last marker counts
     assert final_answer("Answer: 5106") == "5106"
-    for bad in ["", "a1+5+0=06", "Answer:", "Answer: d5c1b0a", "Answer: d5 c1x0"]:
-        assert final_answer(bad) in ("", "51", "510") and not final_answer(bad) == "5106"
-    assert final_answer("Answer: d5c1b0a") == "510" or final_answer("Answer: d5c1b0a") == ""
+    assert final_answer("Answer: d5c1b0a") == "510"  # cut short: a number, the wrong one
+    for bad in ["", "a1+5+0=06", "Answer:", "Answer: d5 c1x0", "Answer: five", "Answer: -3"]:
+        assert final_answer(bad) == "", bad
     conv = long_addition(1, digits=3, seed=4)[0]
     assert correct_final(conv, conv.answer) == 1.0 and correct_final(conv, "Answer:") == 0.0
     assert correct_final(conv, "no idea") == 0.0
@@ -121,6 +121,19 @@ def test_the_models_block_holds_the_longest_sum_and_scoring_reads_the_final_answ
         exact_match_by_digits(model, tok, {3: []})
 
 
+def test_the_recipe_refuses_settings_that_cannot_measure_what_the_chapter_asks():
+    import minigpt
+
+    with pytest.raises(ValueError, match="must be above reasoning.digits"):
+        minigpt.recipe("ci", {"reasoning.test_digits": 2})  # no length past the trained ones
+    with pytest.raises(ValueError, match="at most 25"):
+        minigpt.recipe("ci", {"reasoning.test_digits": 26})
+    with pytest.raises(ValueError, match="grpo_digits"):
+        minigpt.recipe("ci", {"reasoning.grpo_digits": (9,)})
+    with pytest.raises(ValueError, match="multiple of reasoning.n_head"):
+        minigpt.recipe("ci", {"reasoning.n_head": 5})
+
+
 @pytest.mark.outcome
 def test_the_working_learns_the_trained_lengths_and_answering_directly_lags(ci, tmp_path, outcome):
     r = ci.reasoning
@@ -129,13 +142,15 @@ def test_the_working_learns_the_trained_lengths_and_answering_directly_lags(ci, 
     trained = range(2, r.digits + 1)  # one-digit sums: only 10 held out
     em_working = sum(working.by_digits[d] for d in trained) / len(trained)
     em_direct = sum(direct.by_digits[d] for d in trained) / len(trained)
-    outcome.check("reasoning: working, exact match on the trained lengths", em_working, ">=", 0.9)
-    outcome.check("reasoning: working minus direct, the trained lengths", em_working - em_direct, ">=", 0.5)
+    outcome.check("reasoning: working, exact match on the trained lengths", em_working,
+                  ">=", 0.8)  # spread 0.920 .. 1.000 (6 runs)
+    outcome.check("reasoning: working minus direct, the trained lengths", em_working - em_direct,
+                  ">=", 0.6)  # spread 0.880 .. 1.000 (6 runs)
     # GRPO from the working model, rewarded for the final answer only, keeps what SFT taught.
     policy, history = grpo_on_working(ci, working)
     assert len(history) >= 1 and all(0 <= h["reward"] <= 1 for h in history)
     after = exact_match_by_digits(policy, working.tokenizer, {d: digit_tests(ci)[d] for d in trained})
     outcome.check("reasoning: working after GRPO, exact match on the trained lengths",
-                  sum(after.values()) / len(after), ">=", 0.8)
+                  sum(after.values()) / len(after), ">=", 0.8)  # spread 0.960 .. 1.000 (6 runs)
     with pytest.raises(ValueError, match="trained on the working"):
         grpo_on_working(ci, direct)
