@@ -40,7 +40,10 @@ _POSITIVE = ("tokenizer.corpus_chars", "tokenizer.vocab_size", "model.n_layer", 
              "rlhf.ppo.batch_size", "rlhf.dpo.batch_size", "rlhf.grpo.prompts_per_step", "classify.batch_size",
              "classify.lora_rank", "generation.rows", "blocks.batch_size", "continual.batch_size",
              "continual.lora_rank", "peft.steps", "peft.batch_size", "peft.lora_rank", "peft.bottleneck",
-             "peft.prefix_length", "peft.prompt_length", "honesty.batch_size", "honesty.n_test", "vision.patch", "vision.batch_size", "objectives.n_layer",
+             "peft.prefix_length", "peft.prompt_length", "honesty.batch_size", "honesty.n_test",
+             "reasoning.digits", "reasoning.n_train", "reasoning.n_test", "reasoning.n_layer", "reasoning.n_head",
+             "reasoning.n_embd", "reasoning.steps", "reasoning.batch_size", "reasoning.grpo.prompts_per_step",
+             "vision.patch", "vision.batch_size", "objectives.n_layer",
              "objectives.n_head", "objectives.n_embd", "objectives.block_size", "objectives.steps",
              "objectives.batch_size", "objectives.n_test")
 
@@ -293,6 +296,29 @@ class HonestyRecipe:
 
 
 @dataclass(frozen=True)
+class ReasoningRecipe:
+    """Chapter 14: long addition answered directly or with its working, then GRPO on the working.
+
+    The models are trained from random weights, on bytes, with rotary positions: their shape is
+    here rather than in ``model``, and their block fits the longest sum measured."""
+
+    digits: int  # trained on sums whose longer number has 1..digits digits
+    test_digits: int  # measured on every length 1..test_digits: past ``digits``, lengths never trained on
+    n_train: int  # training sums (the same questions for both formats)
+    n_test: int  # held-out sums per length (fewer where a length has fewer: one digit has 10)
+    n_layer: int
+    n_head: int
+    n_embd: int
+    steps: int  # each model's, the direct one's and the working one's alike
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    shots: int  # worked examples in the few-shot prompt of the pretrained model (they must fit its block)
+    grpo: GRPOConfig  # on the working model; max_completion_length is set by the longest sum
+    grpo_digits: tuple[int, ...]  # the lengths of GRPO's prompts (past ``digits``: no worked answers needed)
+
+
+@dataclass(frozen=True)
 class VisionRecipe:
     """Chapter 11: a GPT that captions 8x8 digits."""
 
@@ -326,6 +352,7 @@ class Recipe:
     continual: ContinualRecipe
     peft: PEFTRecipe
     honesty: HonestyRecipe
+    reasoning: ReasoningRecipe
     vision: VisionRecipe
     optim: OptimRecipe = field(default_factory=OptimRecipe)
     seed: int = 1337
@@ -369,6 +396,15 @@ class Recipe:
         if self.honesty.share not in self.honesty.shares or not all(0 <= x <= 1 for x in self.honesty.shares):
             raise ValueError(f"honesty.share={self.honesty.share} must be one of honesty.shares={self.honesty.shares}, "
                              "each a share of the training questions (0 to 1)")
+        r = self.reasoning
+        if not r.digits < r.test_digits <= 25:  # 26 place markers, one kept for the final carry
+            raise ValueError(f"reasoning.test_digits={r.test_digits} must be above reasoning.digits={r.digits} (the "
+                             "lengths past it measure length generalisation) and at most 25")
+        if r.n_embd % r.n_head:
+            raise ValueError(f"reasoning.n_embd={r.n_embd} must be a multiple of reasoning.n_head={r.n_head}")
+        if not r.grpo_digits or not all(1 <= d <= r.test_digits for d in r.grpo_digits):
+            raise ValueError(f"reasoning.grpo_digits={r.grpo_digits} must name lengths from 1 to "
+                             f"reasoning.test_digits={r.test_digits}")
 
 
 #: RL from SFT step 1,200 on two-digit sums: measured at ``cpu``; ``gpu`` and ``full`` run it as it
@@ -420,6 +456,10 @@ RECIPES: dict[str, Recipe] = {
         peft=PEFTRecipe(steps=400, batch_size=128, warmup_steps=20, full_learning_rate=3e-3, learning_rate=2e-2,
                         vector_learning_rate=1e-1, lora_rank=2, bottleneck=8, prefix_length=8, prompt_length=8),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=6e-3),
+        reasoning=ReasoningRecipe(digits=2, test_digits=4, n_train=5000, n_test=50, n_layer=3, n_head=4, n_embd=96,
+                                  steps=400, batch_size=32, learning_rate=3e-3, warmup_steps=20, shots=1,
+                                  grpo=GRPOConfig(steps=10, prompts_per_step=8, learning_rate=5e-5),
+                                  grpo_digits=(2,)),
         honesty=HonestyRecipe(steps=1000, batch_size=32, learning_rate=1e-2, warmup_steps=20, n_train=20000, n_test=100,
                               shares=(0.0, 0.2), share=0.2),
     ),
@@ -455,6 +495,10 @@ RECIPES: dict[str, Recipe] = {
         peft=PEFTRecipe(steps=800, batch_size=128, warmup_steps=40, full_learning_rate=2e-3, learning_rate=2e-2,
                         vector_learning_rate=1e-1, lora_rank=4, bottleneck=16, prefix_length=8, prompt_length=8),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=4e-3),
+        reasoning=ReasoningRecipe(digits=3, test_digits=5, n_train=20000, n_test=100, n_layer=3, n_head=4, n_embd=128,
+                                  steps=800, batch_size=32, learning_rate=3e-3, warmup_steps=50, shots=4,
+                                  grpo=GRPOConfig(steps=40, prompts_per_step=8, learning_rate=1e-4),
+                                  grpo_digits=(3,)),
         honesty=HonestyRecipe(steps=300, batch_size=32, learning_rate=3e-3, warmup_steps=50, n_train=20000, n_test=300,
                               shares=(0.0, 0.003, 0.01, 0.03, 0.1), share=0.1),
     ),
@@ -489,6 +533,10 @@ RECIPES: dict[str, Recipe] = {
         peft=PEFTRecipe(steps=1000, batch_size=64, warmup_steps=50, full_learning_rate=5e-4, learning_rate=3e-3,
                         vector_learning_rate=3e-2, lora_rank=8, bottleneck=32, prefix_length=16, prompt_length=16),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=2e-3),
+        reasoning=ReasoningRecipe(digits=8, test_digits=12, n_train=100000, n_test=500, n_layer=6, n_head=8, n_embd=256,
+                                  steps=5000, batch_size=64, learning_rate=1e-3, warmup_steps=200, shots=8,
+                                  grpo=GRPOConfig(steps=200, prompts_per_step=16, learning_rate=5e-5),
+                                  grpo_digits=(8, 9)),
         honesty=HonestyRecipe(steps=500, batch_size=64, learning_rate=3e-4, warmup_steps=50, n_train=40000, n_test=1000,
                               shares=(0.0, 0.003, 0.01, 0.03, 0.1), share=0.1),
     ),
@@ -523,6 +571,10 @@ RECIPES: dict[str, Recipe] = {
         peft=PEFTRecipe(steps=1000, batch_size=64, warmup_steps=50, full_learning_rate=2e-4, learning_rate=2e-3,
                         vector_learning_rate=3e-2, lora_rank=16, bottleneck=64, prefix_length=16, prompt_length=16),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=1.2e-3),
+        reasoning=ReasoningRecipe(digits=10, test_digits=16, n_train=200000, n_test=1000, n_layer=8, n_head=8,
+                                  n_embd=512, steps=10000, batch_size=128, learning_rate=5e-4, warmup_steps=500, shots=8,
+                                  grpo=GRPOConfig(steps=300, prompts_per_step=32, learning_rate=2e-5),
+                                  grpo_digits=(10, 11)),
         honesty=HonestyRecipe(steps=500, batch_size=64, learning_rate=3e-4, warmup_steps=50, n_train=40000, n_test=1000,
                               shares=(0.0, 0.003, 0.01, 0.03, 0.1), share=0.1),
     ),

@@ -171,7 +171,7 @@ def test_figures_have_alt_text_and_every_drawing_is_used() -> None:
 # -- Colab -------------------------------------------------------------------------------------
 
 def test_every_chapter_has_the_colab_install_cell() -> None:
-    assert len(CHAPTERS) == 13
+    assert len(CHAPTERS) == 15
     assert colab.main(["--check", *map(str, CHAPTERS)]) == 0, "run: python book/colab.py"
     assert {f"notebooks/{path.stem}" for path in CHAPTERS} <= set(toc_docnames())
 

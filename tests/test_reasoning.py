@@ -1,0 +1,156 @@
+"""Chapter 14: long addition with place markers, answered directly or with the column addition
+written out; the working model learns the trained lengths, the direct one lags behind."""
+
+import re
+
+import pytest
+import torch
+
+from minigpt.chat import Conversation, render_prompt
+from minigpt.reasoning import (
+    ANSWER_MARKER,
+    HINTS,
+    addition_question,
+    addition_working,
+    byte_tokenizer,
+    correct_final,
+    digit_tests,
+    direct_answer,
+    exact_match_by_digits,
+    final_answer,
+    grpo_on_working,
+    hint_offset,
+    hinted_question,
+    long_addition,
+    reasoning_model,
+    train_reasoner,
+    with_hints,
+)
+from minigpt.tasks import split_of
+
+
+def test_the_working_writes_one_column_per_step_with_its_carries():
+    assert with_hints(4721, 0) == "d4c7b2a1" and with_hints(5, 3) == "d5" and with_hints(0, 0) == "a0"
+    assert hint_offset(4721, 385) == 0  # the docstrings' example: its units column is marked "a"
+    assert hinted_question(4721, 385) == "What is d4c7b2a1 + c3b8a5?"
+    assert addition_working(4721, 385) == "a1+5+0=06 b2+8+0=10 c7+3+1=11 d4+0+1=05 Answer: d5c1b0a6"
+    assert direct_answer(4721, 385) == "Answer: d5c1b0a6"
+    o = hint_offset(99, 1)
+    # A carry out of the top column makes one more digit, marked with the next letter.
+    assert addition_working(99, 1) == (f"{HINTS[o]}9+1+0=10 {HINTS[o + 1]}9+0+1=10 Answer: "
+                                       f"{HINTS[o + 2]}1{HINTS[o + 1]}0{HINTS[o]}0")
+    # The shorter number may come first: its missing columns read 0.
+    assert addition_working(7, 1995).split(" Answer:")[0].split() == [
+        f"{HINTS[hint_offset(7, 1995) + i]}{s}" for i, s in enumerate(["7+5+0=12", "0+9+1=10", "0+9+1=10", "0+1+1=02"])]
+    for a, b in [(0, 0), (5, 5), (123456789, 987654321), (10**24, 1)]:
+        working = addition_working(a, b)
+        assert final_answer(working) == final_answer(direct_answer(a, b)) == str(a + b)
+        steps = working.split(f" {ANSWER_MARKER} ")[0].split()
+        assert len(steps) == max(len(str(a)), len(str(b))) and all(len(s) == 9 for s in steps)  # one length, any sum
+
+
+def test_markers_move_with_the_question_and_every_letter_marks_the_units_somewhere():
+    # Every offset that leaves room for the digits and a carry: up to 24 for one digit, 23 for two.
+    assert {hint_offset(a, b) for a in range(10) for b in range(10)} == set(range(len(HINTS) - 1))
+    assert {hint_offset(a, b) for a in range(10, 100) for b in range(100)} == set(range(len(HINTS) - 2))
+    assert hint_offset(12, 34) == hint_offset(12, 34) and hint_offset(10**24, 1) == 0
+    with pytest.raises(ValueError, match="place markers allow"):
+        hint_offset(10**25, 1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        with_hints(-3, 0)
+    with pytest.raises(ValueError, match="leave room"):
+        with_hints(123, len(HINTS) - 2)
+
+
+def test_final_answer_reads_after_the_marker_and_refuses_what_is_not_a_number():
+    assert final_answer("a1+5+0=06 Answer: d5c1b0a6") == "5106"
+    assert final_answer("Answer: 12 Answer: b4a2") == "42"  # the last marker counts
+    assert final_answer("Answer: 5106") == "5106"
+    assert final_answer("Answer: d5c1b0a") == "510"  # cut short: a number, the wrong one
+    for bad in ["", "a1+5+0=06", "Answer:", "Answer: d5 c1x0", "Answer: five", "Answer: -3"]:
+        assert final_answer(bad) == "", bad
+    conv = long_addition(1, digits=3, seed=4)[0]
+    assert correct_final(conv, conv.answer) == 1.0 and correct_final(conv, "Answer:") == 0.0
+    assert correct_final(conv, "no idea") == 0.0
+
+
+def test_long_addition_is_split_by_the_plain_question_and_drawn_by_length():
+    train = long_addition(3000, digits=4, seed=1)
+    test = long_addition(300, split="test", digits=4, seed=1)
+    direct = long_addition(300, split="test", digits=4, seed=1, working=False)
+
+    def numbers(c):
+        a, b = re.fullmatch(r"What is ([a-z0-9]+) \+ ([a-z0-9]+)\?", c.prompt[-1].content).groups()
+        return int(re.sub("[a-z]", "", a)), int(re.sub("[a-z]", "", b))
+
+    pairs = [numbers(c) for c in train]
+    assert {split_of(addition_question(a, b)) for a, b in pairs} == {"train"}
+    assert {split_of(addition_question(*numbers(c))) for c in test} == {"test"}
+    assert not set(pairs) & {numbers(c) for c in test}
+    assert [numbers(c) for c in direct] == [numbers(c) for c in test]  # the same questions in both formats
+    assert all(c.answer == addition_working(*numbers(c)) and final_answer(c.answer) == str(sum(numbers(c)))
+               for c in test)
+    lengths = [max(len(str(a)), len(str(b))) for a, b in pairs]
+    assert set(lengths) == {1, 2, 3, 4} and lengths.count(4) > 600 and lengths.count(1) <= 90  # 1 digit: 90 sums
+    sixes = long_addition(50, split="test", digits=6, min_digits=6, seed=2)
+    assert all(max(map(len, map(str, numbers(c)))) == 6 for c in sixes)
+    assert long_addition(20, digits=3, seed=5) == long_addition(20, digits=3, seed=5) != long_addition(20, digits=3)
+    with pytest.raises(ValueError, match="min_digits <= digits"):
+        long_addition(5, digits=2, min_digits=3)
+    with pytest.raises(ValueError, match="only find 10 distinct test"):
+        long_addition(11, split="test", digits=1)
+
+
+def test_the_models_block_holds_the_longest_sum_and_scoring_reads_the_final_answer(ci):
+    tok = byte_tokenizer()
+    assert tok.encode("a1+5") == list(b"a1+5")  # one byte, one token
+    model = reasoning_model(ci, tok)
+    r = ci.reasoning
+    top = 10 ** r.test_digits - 1
+    longest = Conversation.single(hinted_question(top, top), addition_working(top, top))
+    # the prompt and the reply answers() allows it: the expected one and 4 tokens more
+    assert model.config.block_size == len(render_prompt(longest, tok)) + len(tok.encode(longest.answer)) + 4
+    assert model.config.position == "rope"
+    torch.testing.assert_close(reasoning_model(ci, tok).lm_head.weight, model.lm_head.weight)
+    tests = digit_tests(ci)
+    assert sorted(tests) == list(range(1, r.test_digits + 1)) and len(tests[1]) == min(10, r.n_test)
+    assert all(len(tests[d]) == r.n_test for d in range(2, r.test_digits + 1))
+    scores = exact_match_by_digits(model, tok, {2: tests[2][:4]})  # random weights: nothing right
+    assert scores == {2: 0.0}
+    with pytest.raises(ValueError, match="no test sums of 3 digits"):
+        exact_match_by_digits(model, tok, {3: []})
+
+
+def test_the_recipe_refuses_settings_that_cannot_measure_what_the_chapter_asks():
+    import minigpt
+
+    with pytest.raises(ValueError, match="must be above reasoning.digits"):
+        minigpt.recipe("ci", {"reasoning.test_digits": 2})  # no length past the trained ones
+    with pytest.raises(ValueError, match="at most 25"):
+        minigpt.recipe("ci", {"reasoning.test_digits": 26})
+    with pytest.raises(ValueError, match="grpo_digits"):
+        minigpt.recipe("ci", {"reasoning.grpo_digits": (9,)})
+    with pytest.raises(ValueError, match="multiple of reasoning.n_head"):
+        minigpt.recipe("ci", {"reasoning.n_head": 5})
+
+
+@pytest.mark.outcome
+def test_the_working_learns_the_trained_lengths_and_answering_directly_lags(ci, tmp_path, outcome):
+    r = ci.reasoning
+    working = train_reasoner(ci, True, tmp_path / "working")
+    direct = train_reasoner(ci, False, tmp_path / "direct")
+    trained = range(2, r.digits + 1)  # one-digit sums: only 10 held out
+    em_working = sum(working.by_digits[d] for d in trained) / len(trained)
+    em_direct = sum(direct.by_digits[d] for d in trained) / len(trained)
+    outcome.check("reasoning: working, exact match on the trained lengths", em_working,
+                  ">=", 0.8)  # spread 0.920 .. 1.000 (6 runs)
+    outcome.check("reasoning: working minus direct, the trained lengths", em_working - em_direct,
+                  ">=", 0.6)  # spread 0.880 .. 1.000 (6 runs)
+    # GRPO from the working model, rewarded for the final answer only, keeps what SFT taught.
+    policy, history = grpo_on_working(ci, working)
+    assert len(history) >= 1 and all(0 <= h["reward"] <= 1 for h in history)
+    after = exact_match_by_digits(policy, working.tokenizer, {d: digit_tests(ci)[d] for d in trained})
+    outcome.check("reasoning: working after GRPO, exact match on the trained lengths",
+                  sum(after.values()) / len(after), ">=", 0.8)  # spread 0.960 .. 1.000 (6 runs)
+    with pytest.raises(ValueError, match="trained on the working"):
+        grpo_on_working(ci, direct)
