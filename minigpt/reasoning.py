@@ -35,8 +35,8 @@ from minigpt.rlhf.grpo import grpo
 from minigpt.rlhf.run import mean_reward
 from minigpt.sft import SFTRun, sft
 from minigpt.tasks import answers
-from minigpt.tasks.data import _sample
-from minigpt.tasks.evaluate import _answer_budget
+from minigpt.tasks.data import sample_split
+from minigpt.tasks.evaluate import answer_budget
 from minigpt.tokenizer import BPETokenizer
 
 __all__ = ["ANSWER_MARKER", "HINTS", "ReasonerRun", "addition_question", "addition_working", "byte_tokenizer",
@@ -151,7 +151,7 @@ def long_addition(n: int, *, split: str = "train", seed: int = 0, digits: int = 
         answer = addition_working(a, b) if working else direct_answer(a, b)
         return addition_question(a, b), Conversation.single(hinted_question(a, b), answer)
 
-    return _sample(make, n, split, seed)
+    return sample_split(make, n, split, seed)
 
 
 def correct_final(conversation: Conversation, response: str) -> float:
@@ -175,7 +175,7 @@ def _longest(digits: int, tokenizer: BPETokenizer) -> int:
     :func:`~minigpt.tasks.evaluate.answers` allows it (the expected one and a few more)."""
     top = 10 ** digits - 1  # every column carries: the sum has a digit more
     conv = Conversation.single(hinted_question(top, top), addition_working(top, top))
-    return len(render_prompt(conv, tokenizer)) + _answer_budget(None, tokenizer, [conv])
+    return len(render_prompt(conv, tokenizer)) + answer_budget(None, tokenizer, [conv])
 
 
 def reasoning_model(recipe: Recipe, tokenizer: BPETokenizer, *, seed: int | None = None) -> GPT:
@@ -248,7 +248,7 @@ def sampled_accuracy_by_digits(model: GPT, tokenizer: BPETokenizer, tests: Mappi
                                temperature: float = 1.0, samples: int = 4, seed: int = 3) -> dict[int, float]:
     """For each length, the share of replies sampled at ``temperature`` whose final answer is right:
     what GRPO's reward averages over, before and after."""
-    longest = max(_answer_budget(None, tokenizer, convs) for convs in tests.values())
+    longest = max(answer_budget(None, tokenizer, convs) for convs in tests.values())
     return {d: mean_reward(model, tokenizer, list(convs), correct_final, max_new_tokens=longest,
                            temperature=temperature, samples=samples, seed=seed)
             for d, convs in tests.items()}
@@ -266,6 +266,6 @@ def grpo_on_working(recipe: Recipe, start: ReasonerRun) -> tuple[GPT, list[dict[
     per_length = r.grpo.steps * r.grpo.prompts_per_step // len(r.grpo_digits) + 1  # enough never to repeat one
     prompts = [c for d in r.grpo_digits
                for c in long_addition(per_length, digits=d, min_digits=d, working=True, seed=recipe.seed + 1)]
-    cfg = dataclasses.replace(r.grpo, max_completion_length=_answer_budget(None, start.tokenizer, prompts))
+    cfg = dataclasses.replace(r.grpo, max_completion_length=answer_budget(None, start.tokenizer, prompts))
     policy = copy.deepcopy(start.model)
     return grpo(policy, start.model, start.tokenizer, prompts, correct_final, cfg, log_interval=5, seed=recipe.seed)

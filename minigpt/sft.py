@@ -375,8 +375,8 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     a number of rows for :func:`lora_token_ids` to choose from the training data, or the token ids
     themselves). ``peft={"method": "adapter", "bottleneck": 16}`` trains instead one of the methods
     of :func:`minigpt.peft.apply_peft` (``"adapter"``, ``"ia3"``, ``"prefix"``). ``run.json`` records
-    either, so :func:`~minigpt.runs.load_run` rebuilds the same model. Checkpoints, metrics, ``tokenizer.bpe``, ``run.json`` and, with LoRA, ``lora.safetensors``
-    go to ``out_dir``; a run with a checkpoint there continues from it, a folder of a run made
+    either, so :func:`~minigpt.runs.load_run` rebuilds the same model. Checkpoints, metrics,
+    ``tokenizer.bpe``, ``run.json`` and, with LoRA, ``lora.safetensors`` go to ``out_dir``; a run with a checkpoint there continues from it, a folder of a run made
     otherwise is refused, and ``resume=False`` starts over (:func:`~minigpt.runs.begin_run`); a folder
     another run trains into is refused (:func:`~minigpt.runs.run_lock`). ``train_overrides``
     are :class:`~minigpt.train.TrainConfig` fields; ``batch_size`` (conversations per micro-batch)

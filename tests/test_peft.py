@@ -23,7 +23,7 @@ from minigpt.peft import (
     soft_prompt,
     trainable_parameters,
 )
-from minigpt.peft_compare import METHODS, compare, with_system
+from minigpt.peft_compare import METHODS, compare, peft_table, with_system
 from minigpt.runs import load_run
 from minigpt.sft import sft
 
@@ -212,3 +212,19 @@ def test_compare_refuses_an_unknown_method(ci, tmp_path):
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['bitfit'\]"):
         compare(ci, tmp_path, methods=["full", "bitfit"])
     assert METHODS == ("full", "lora", "adapter", "ia3", "prefix", "prompt")
+
+
+@pytest.mark.outcome
+def test_six_ways_to_learn_task_b_what_they_learn_cost_and_forget(ci, tmp_path, outcome):
+    results = {r.method: r for r in compare(ci, tmp_path)}
+    print(peft_table(results.values()))
+    full, lora, adapter = results["full"], results["lora"], results["adapter"]
+    assert lora.fraction <= 0.05 and adapter.fraction <= 0.05
+    assert full.state_bytes > 10 * lora.state_bytes  # gradients and AdamW moments of every weight
+    outcome.check("peft: full fine-tuning, exact match on B", full.b_after, ">=", 0.4)  # spread TBD
+    outcome.check("peft: LoRA, exact match on B", lora.b_after, ">=", 0.1)  # spread TBD
+    outcome.check("peft: adapters, exact match on B", adapter.b_after, ">=", 0.1)  # spread TBD
+    outcome.check("peft: the best of the five PEFT methods below full fine-tuning on B",
+                  max(r.b_after for m, r in results.items() if m != "full"), "<=", full.b_after)  # spread TBD
+    outcome.check("peft: A kept with the method in place, the best method", max(r.a_after for r in results.values()),
+                  "<=", full.a_before / 2)  # spread TBD

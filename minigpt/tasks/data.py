@@ -57,7 +57,7 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split={split!r} must be one of {SPLITS}")
 
 
-def _sample(make: Callable[[random.Random], tuple[str, T]], n: int, split: str, seed: int) -> list[T]:
+def sample_split(make: Callable[[random.Random], tuple[str, T]], n: int, split: str, seed: int) -> list[T]:
     """``n`` distinct examples of ``split`` drawn by ``make(rng)`` -> (key, example)."""
     _check_split(split)
     rng = random.Random(seed)
@@ -177,7 +177,7 @@ def world_qa(n: int, *, split: str = "train", seed: int = 0, people: int = 3,
             turns += [Message("user", q), Message("assistant", a)]
         return world, Conversation(turns)
 
-    return _sample(make, n, split, seed)
+    return sample_split(make, n, split, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def string_tasks(n: int, *, split: str = "train", seed: int = 0) -> list[Convers
             q, a = f"How many times does the letter {letter} appear in {word}?", str(word.count(letter))
         return word, Conversation.single(q, a)
 
-    return _sample(make, n, split, seed)
+    return sample_split(make, n, split, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def stranger_questions(n: int, *, split: str = "train", seed: int = 0) -> list[C
         name = _word(rng).capitalize()
         return name, Conversation.single(_about(name, rng.randrange(2)), UNKNOWN)
 
-    return _sample(make, n, split, seed)
+    return sample_split(make, n, split, seed)
 
 
 def closed_book_qa(n: int, *, split: str = "train", seed: int = 0, unanswerable: float = 0.0,
@@ -352,7 +352,7 @@ def reviews(n: int, *, split: str = "train", seed: int = 0, negation: float = 0.
         text = clauses[0] + "".join(f", {rng.choice(('and', 'but'))} {c}" for c in clauses[1:]) + "."
         return text, Labeled(text, 1 + (score > 0) - (score < 0))
 
-    return _sample(make, n, split, seed)
+    return sample_split(make, n, split, seed)
 
 
 def entity_tags(n: int, *, split: str = "train", seed: int = 0, sentences: int = 2) -> list[Tagged]:

@@ -48,7 +48,7 @@ def _is_right(answer: str, conversation: Conversation) -> bool:
     return normalize_answer(answer) == normalize_answer(conversation.answer)
 
 
-def _answer_budget(max_new_tokens: int | None, tokenizer: BPETokenizer, conversations: Sequence[Conversation]) -> int:
+def answer_budget(max_new_tokens: int | None, tokenizer: BPETokenizer, conversations: Sequence[Conversation]) -> int:
     """``max_new_tokens`` if given, else enough for the longest expected answer and 4 more (a wrong
     answer may run longer)."""
     if max_new_tokens is not None:
@@ -90,7 +90,7 @@ def answers(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Convers
     """
     if not conversations:
         return []
-    max_new_tokens = _answer_budget(max_new_tokens, tokenizer, conversations)
+    max_new_tokens = answer_budget(max_new_tokens, tokenizer, conversations)
     if few_shot is None:
         _, outs, end = _chat_completions(model, tokenizer, conversations, max_new_tokens, batch_size)
         return [_until_end(tokenizer, ids, end) for ids in outs]
@@ -127,7 +127,7 @@ def pass_at_k(model: GPT, tokenizer: BPETokenizer, conversations: Sequence[Conve
     if not ks or min(ks) < 1 or max(ks) > samples:
         raise ValueError(f"every k must be between 1 and samples={samples}, got ks={list(ks)}; "
                          "draw more samples to estimate a larger k")
-    max_new_tokens = _answer_budget(max_new_tokens, tokenizer, conversations)
+    max_new_tokens = answer_budget(max_new_tokens, tokenizer, conversations)
     end = check_chat_tokenizer(tokenizer)[END_OF_TURN]
     prompts = [render_prompt(c, tokenizer) for c in conversations for _ in range(samples)]
     generator = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(seed)
@@ -148,7 +148,7 @@ def confident_answers(model: GPT, tokenizer: BPETokenizer, conversations: Sequen
     if not conversations:
         return []
     prompts, outs, end = _chat_completions(model, tokenizer, conversations,
-                                           _answer_budget(max_new_tokens, tokenizer, conversations), batch_size)
+                                           answer_budget(max_new_tokens, tokenizer, conversations), batch_size)
     device = model.transformer.wte.weight.device
     probabilities: list[float] = []
     with evaluating(model), torch.no_grad():
