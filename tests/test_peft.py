@@ -221,10 +221,12 @@ def test_six_ways_to_learn_task_b_what_they_learn_cost_and_forget(ci, tmp_path, 
     full, lora, adapter = results["full"], results["lora"], results["adapter"]
     assert lora.fraction <= 0.05 and adapter.fraction <= 0.05
     assert full.state_bytes > 10 * lora.state_bytes  # gradients and AdamW moments of every weight
-    outcome.check("peft: full fine-tuning, exact match on B", full.b_after, ">=", 0.4)  # spread TBD
-    outcome.check("peft: LoRA, exact match on B", lora.b_after, ">=", 0.1)  # spread TBD
-    outcome.check("peft: adapters, exact match on B", adapter.b_after, ">=", 0.1)  # spread TBD
-    outcome.check("peft: the best of the five PEFT methods below full fine-tuning on B",
-                  max(r.b_after for m, r in results.items() if m != "full"), "<=", full.b_after)  # spread TBD
+    # Spreads over seeds 1337, 1 and 2 at one thread (3 runs; the two-thread runs were cut short).
+    outcome.check("peft: full fine-tuning, exact match on B", full.b_after, ">=", 0.5)  # spread 0.655 .. 1.000 (3 runs)
+    outcome.check("peft: LoRA, exact match on B", lora.b_after, ">=", 0.08)  # spread 0.145 .. 0.300 (3 runs)
+    outcome.check("peft: adapters, exact match on B", adapter.b_after, ">=", 0.03)  # spread 0.060 .. 0.150 (3 runs)
+    best = max(r.b_after for m, r in results.items() if m != "full")
+    outcome.check("peft: full fine-tuning's lead over the best PEFT method on B", full.b_after - best,
+                  ">=", 0.2)  # spread 0.355 .. 0.855 (3 runs)
     outcome.check("peft: A kept with the method in place, the best method", max(r.a_after for r in results.values()),
-                  "<=", full.a_before / 2)  # spread TBD
+                  "<=", 0.35)  # spread 0.142 .. 0.174 (3 runs); A before: 0.97
