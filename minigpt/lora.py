@@ -62,6 +62,7 @@ __all__ = [
     "save_lora",
     "trainable_fraction",
     "unmerge",
+    "train_modules",
 ]
 
 # Every linear layer of every block: attention's c_attn and c_proj, the MLP's c_fc and c_proj

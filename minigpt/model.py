@@ -288,8 +288,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        #: Prefix tuning (:class:`minigpt.peft.PrefixKV`): learned keys and values that every query
-        #: sees before the tokens' own; None in a plain model.
+        # Prefix tuning (minigpt.peft.PrefixKV): learned keys and values that every query sees
+        # before the tokens' own; None in a plain model.
         self.prefix: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, need_weights: bool = False,
