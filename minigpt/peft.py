@@ -106,9 +106,9 @@ class PrefixKV(nn.Module):
         return k, v, torch.cat([allowed.new_ones(*allowed.shape[:-1], length), allowed], dim=-1)
 
 
-def _blocks(model: GPT) -> list[Block]:
-    """The blocks of a GPT whose every weight is frozen here, after refusing a model that is
-    already adapted (two methods at once would be neither)."""
+def _frozen_blocks(model: GPT) -> list[Block]:
+    """Freeze every weight of ``model`` and return its blocks, for a method to add its parameters
+    to; a model already adapted is refused (two methods at once would be neither)."""
     adapted = [name for name, m in model.named_modules()
                if isinstance(m, Adapter | Rescaled | PrefixKV | LoRALinear | TokenRows)]
     if adapted:
@@ -121,7 +121,7 @@ def _blocks(model: GPT) -> list[Block]:
 def apply_adapters(model: GPT, bottleneck: int = 16) -> GPT:
     """Freeze ``model`` and put an :class:`Adapter` of width ``bottleneck`` after the output
     projection of each attention and each MLP (Houlsby's two places per block); in place."""
-    for block in _blocks(model):
+    for block in _frozen_blocks(model):
         block.attn.c_proj = Adapter(block.attn.c_proj, bottleneck)
         block.mlp.c_proj = Adapter(block.mlp.c_proj, bottleneck)
     return model
@@ -131,7 +131,7 @@ def apply_ia3(model: GPT) -> GPT:
     """Freeze ``model`` and give each block (IA)^3's three vectors: scales of the keys and values
     (the outputs of ``c_attn`` after the queries) and of the MLP's hidden activations (the inputs
     of its ``c_proj``); in place."""
-    for block in _blocks(model):
+    for block in _frozen_blocks(model):
         block.attn.c_attn = Rescaled(block.attn.c_attn, start=block.attn.n_embd)
         block.mlp.c_proj = Rescaled(block.mlp.c_proj, inputs=True)
     return model
@@ -143,7 +143,7 @@ def apply_prefix(model: GPT, length: int = 8, init_ids: list[int] | None = None)
     in place. With ``init_ids`` (at least ``length`` token ids), each layer's prefix starts as the
     keys and values the model itself computes for the first ``length`` of them: real text, a far
     better start than noise, which Li & Liang found unstable to train."""
-    blocks, c = _blocks(model), model.config
+    blocks, c = _frozen_blocks(model), model.config
     prefixes = [PrefixKV(length, c.kv_heads, c.head_dim).to(model.transformer.wte.weight) for _ in blocks]
     if init_ids is not None:
         if len(init_ids) < length:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minigpt.chat import Conversation
+from minigpt.chat import Conversation, Message
 from minigpt.continual import two_tasks
 from minigpt.lora import trainable_fraction
 from minigpt.peft import soft_prompt, trainable_parameters
@@ -60,8 +60,10 @@ class PEFTResult:
 
 
 def with_system(conversations: Sequence[Conversation], system: str) -> list[Conversation]:
-    """The conversations with ``system`` as their system message (replacing any they had)."""
-    return [Conversation.single(c.prompt[-1].content, c.answer, system=system) for c in conversations]
+    """The conversations with ``system`` as their system message (replacing any they had), every
+    other turn kept."""
+    return [Conversation([Message("system", system), *(m for m in c.messages if m.role != "system")])
+            for c in conversations]
 
 
 def _state_bytes(run: SFTRun) -> int:
@@ -119,7 +121,7 @@ def compare(recipe: Recipe, out_dir: str | os.PathLike, *, methods: Sequence[str
 def peft_table(results: Sequence[PEFTResult]) -> str:
     """The measurements of :func:`compare` as a text table."""
     lines = [f"{'method':<8} {'trained':>9} {'share':>7} {'B after':>8} {'A after':>8} {'forgot':>7} "
-             f"{'ms/step':>8} {'state kB':>9}"]
+             f"{'ms/step':>8} {'state KiB':>9}"]
     lines += [f"{r.method:<8} {r.trainable:>9,} {r.fraction:>7.2%} {r.b_after:>8.3f} {r.a_after:>8.3f} "
               f"{r.forgetting:>7.3f} {1000 * r.step_seconds:>8.1f} {r.state_bytes / 1024:>9.1f}" for r in results]
     return "\n".join(lines)

@@ -188,6 +188,10 @@ def test_a_soft_prompt_is_new_tokens_in_a_system_message_whose_rows_alone_train(
     with pytest.raises(ValueError, match="holds a soft prompt"):
         soft_prompt(prompted, soft_tok, 3, "What")
     assert with_system([Conversation.single("Hi?", "Yo")], system)[0] == Conversation.single("Hi?", "Yo", system=system)
+    two_turns = Conversation([("system", "Be brief."), ("user", "Hi?"), ("assistant", "Yo"), ("user", "1+1?"),
+                              ("assistant", "2")])
+    assert with_system([two_turns], system)[0].messages[1:] == two_turns.messages[1:]
+    assert with_system([two_turns], system)[0].messages[0].content == system
 
 
 @pytest.mark.parametrize("method", ["adapter", "ia3", "prefix"])
