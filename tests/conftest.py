@@ -61,6 +61,17 @@ def shots_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TOKENIZER_TEXT = "What is 37 + 48? The answer is 85. Alice lives in Oslo. Reverse the word kelamo. "
 
 
+def perturb_trainable(model: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
+    """Move every trainable parameter (adapters, token rows, prefixes, train_also modules) off its
+    start by a little noise, so that a test sees them act; returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
 @pytest.fixture(scope="session")
 def base_tok() -> BPETokenizer:
     """A small BPE tokenizer with ``<|endoftext|>`` and no chat tokens (trained in well under a second)."""

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import perturb_trainable
 from safetensors.torch import save_file
 
 from minigpt.checkpoint import load_checkpoint, save_checkpoint
@@ -172,15 +173,6 @@ ROWS = (3, 5, 60)
 ALSO = ("ln_1", "ln_2", "ln_f", "wpe")
 
 
-def _randomize_trainable(model, seed=3):
-    """Every trainable parameter (adapters, token rows, train_also modules) to random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def test_token_rows_start_at_the_base_model_and_the_head_stays_tied():
     base = _model()
     model = apply_lora(_model(), r=4, token_rows=(60, 3, 5, 3), train_also=ALSO)  # order and repeats don't matter
@@ -234,7 +226,7 @@ def test_trainable_fraction_counts_rows_and_train_also_modules():
 
 def test_merged_token_rows_give_the_same_logits_and_unmerge_restores_them():
     model = apply_lora(_model(), r=4, token_rows=ROWS, train_also=ALSO)
-    _randomize_trainable(model)
+    perturb_trainable(model)
     table = model.transformer.wte.weight.detach().clone()
     weights = {n: layer.weight.detach().clone() for n, layer in lora_layers(model)}
     x = _idx()
@@ -254,7 +246,7 @@ def test_merged_token_rows_give_the_same_logits_and_unmerge_restores_them():
 
 def test_token_rows_and_train_also_save_and_load(tmp_path):
     model = apply_lora(_model(), r=4, token_rows=ROWS, train_also=ALSO)
-    _randomize_trainable(model)
+    perturb_trainable(model)
     state = lora_state_dict(model)
     assert {"transformer.wte.delta", "transformer.wte.token_ids", "transformer.wpe.weight",
             "transformer.ln_f.weight", "transformer.h.1.ln_2.bias"} <= set(state)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturb_trainable
 
 from minigpt.chat import Conversation, render, render_prompt
 from minigpt.lora import apply_lora
@@ -39,16 +40,6 @@ def _idx(seed=1, t=12):
     return torch.randint(0, CONFIG.vocab_size, (3, t), generator=torch.Generator().manual_seed(seed))
 
 
-def _perturb(model, seed=3):
-    """Move the new parameters off their start, so a test sees them act."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
 @pytest.mark.parametrize("apply", [apply_adapters, apply_ia3])
 def test_adapters_and_ia3_start_as_the_model_and_train_only_their_own_parameters(apply):
     plain, idx = _model(), _idx()
@@ -57,7 +48,7 @@ def test_adapters_and_ia3_start_as_the_model_and_train_only_their_own_parameters
     trained = {name for name, p in adapted.named_parameters() if p.requires_grad}
     kinds = {"adapter": ("down", "up"), "ia3": ("scale",)}["adapter" if apply is apply_adapters else "ia3"]
     assert trained and all(name.rsplit(".", 2)[-2] in kinds or name.endswith("scale") for name in trained)
-    _perturb(adapted).train()
+    perturb_trainable(adapted).train()
     adapted(idx, idx)[1].backward()
     assert all(p.grad is not None for p in adapted.parameters() if p.requires_grad)
     assert all(p.grad is None for p in adapted.parameters() if not p.requires_grad)
@@ -67,7 +58,7 @@ def test_an_adapter_is_a_residual_bottleneck_after_its_linear_layer():
     torch.manual_seed(0)
     base = torch.nn.Linear(8, 6)
     adapter = Adapter(base, 3)
-    _perturb(adapter)
+    perturb_trainable(adapter)
     x = torch.randn(4, 8)
     y = x @ base.weight.T + base.bias
     by_hand = y + F.gelu(y @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T + adapter.up.bias
@@ -79,8 +70,8 @@ def test_an_adapter_is_a_residual_bottleneck_after_its_linear_layer():
 def test_ia3_scales_fold_into_the_weight_they_scale():
     torch.manual_seed(0)
     base = torch.nn.Linear(8, 12)
-    keys_values = _perturb(Rescaled(base, start=4))  # the first four outputs (the "queries") unscaled
-    inputs = _perturb(Rescaled(base, inputs=True))
+    keys_values = perturb_trainable(Rescaled(base, start=4))  # the first four outputs (the "queries") unscaled
+    inputs = perturb_trainable(Rescaled(base, inputs=True))
     x = torch.randn(5, 8)
     out_scale = torch.cat([torch.ones(4), keys_values.scale.detach()])
     torch.testing.assert_close(keys_values(x), F.linear(x, base.weight * out_scale[:, None], base.bias * out_scale))
@@ -117,7 +108,7 @@ def _attention_with_prefix_by_hand(model, idx):
 
 
 def test_prefix_tuning_is_attention_over_learned_keys_and_values_first():
-    model = _perturb(apply_prefix(_model(), 4))
+    model = perturb_trainable(apply_prefix(_model(), 4))
     idx = _idx()
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], _attention_with_prefix_by_hand(model, idx), rtol=1e-5, atol=1e-5)
@@ -127,7 +118,7 @@ def test_prefix_tuning_is_attention_over_learned_keys_and_values_first():
 @pytest.mark.parametrize("config", [CONFIG, GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2,
                                                       n_embd=32, position="rope")], ids=["gpt2", "gqa-rope"])
 def test_a_prefix_serves_a_kv_cache_and_a_left_padded_batch(config):
-    model = _perturb(apply_prefix(_model(config), 3))
+    model = perturb_trainable(apply_prefix(_model(config), 3))
     idx = _idx()
     with torch.no_grad():
         whole = model(idx)[0]
