@@ -4,7 +4,12 @@ Each method freezes every weight of a GPT and adds a few new parameters in one p
 
 * **adapters** (Houlsby et al. 2019, :class:`Adapter`): a small bottleneck MLP,
   ``y + W_up gelu(W_down y)``, on the output of each attention and each MLP, before the residual
-  add. ``W_up`` starts at zero, so the adapted model starts as the model it adapts.
+  add. ``W_up`` starts at zero, so the adapted model starts as the model it adapts. He et al.
+  (2022) put the same bottleneck *beside* each sublayer instead (:class:`ParallelAdapter`),
+  reading the sublayer's normalised input and adding ``s W_up gelu(W_down x)`` to its output: the
+  same parameters, and at ``cpu`` they learn chapter 13's task B far better. Like LoRA's matrices,
+  an adapter's carry no weight decay, which would pull the adapted model back towards the frozen
+  one.
 * **(IA)^3** (Liu et al. 2022, :class:`Rescaled`): three learned vectors per block that rescale,
   feature by feature, the keys, the values and the MLP's hidden activations. They start at one.
   The fewest parameters of all, and, being scales of a linear map, foldable into its weight.
@@ -35,8 +40,8 @@ from minigpt.lora import LoRALinear, TokenRows, train_modules
 from minigpt.model import GPT, Block, causal_mask
 from minigpt.tokenizer import BPETokenizer
 
-__all__ = ["Adapter", "PEFT_METHODS", "PrefixKV", "Rescaled", "apply_adapters", "apply_ia3", "apply_peft",
-           "apply_prefix", "soft_prompt", "trainable_parameters"]
+__all__ = ["Adapter", "PEFT_METHODS", "PLACEMENTS", "ParallelAdapter", "PrefixKV", "Rescaled", "apply_adapters",
+           "apply_ia3", "apply_peft", "apply_prefix", "soft_prompt", "trainable_parameters"]
 
 
 class Adapter(nn.Module):
@@ -53,9 +58,45 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.weight)  # down keeps nn.Linear's random start, as LoRA's A does
         nn.init.zeros_(self.up.bias)
 
+    def no_decay_parameters(self) -> tuple[nn.Parameter, ...]:
+        """The matrices an optimizer should not decay: as LoRA's, decay would pull the adapted model
+        towards the frozen one (:func:`minigpt.train.make_optimizer` asks every module)."""
+        return (self.down.weight, self.up.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         return y + self.up(F.gelu(self.down(y)))
+
+
+class ParallelAdapter(nn.Module):
+    """A frozen sublayer with a bottleneck beside it, reading the same input (He et al. 2022's
+    parallel adapter): ``base(x) + scale * up(gelu(down(x)))``. Where ``base`` returns a tuple
+    (attention: its output and its weights), the bottleneck adds to the first element. ``up``
+    starts at zero, so at first the module is ``base`` exactly; ``scale`` (He et al.'s 4) sets how
+    much each of the bottleneck's steps changes the output at a given learning rate (chapter 13's
+    recipe uses 1, as it uses LoRA's alpha = rank: larger made task B slower to learn). Beside a
+    whole sublayer it reads the LayerNorm's output, a better-scaled input than the projection's
+    output that a sequential :class:`Adapter` reads."""
+
+    def __init__(self, base: nn.Module, width: int, bottleneck: int, scale: float = 4.0) -> None:
+        super().__init__()
+        if bottleneck < 1:
+            raise ValueError(f"bottleneck={bottleneck} must be at least 1")
+        self.base, self.scale = base, scale
+        like = next(base.parameters())
+        self.down = nn.Linear(width, bottleneck).to(like)
+        self.up = nn.Linear(bottleneck, width).to(like)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def no_decay_parameters(self) -> tuple[nn.Parameter, ...]:
+        """The matrices an optimizer should not decay (as :meth:`Adapter.no_decay_parameters`)."""
+        return (self.down.weight, self.up.weight)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.base(x, *args, **kwargs)
+        delta = self.scale * self.up(F.gelu(self.down(x)))
+        return (out[0] + delta, *out[1:]) if isinstance(out, tuple) else out + delta
 
 
 class Rescaled(nn.Module):
@@ -110,7 +151,7 @@ def _frozen_blocks(model: GPT) -> list[Block]:
     """Freeze every weight of ``model`` and return its blocks, for a method to add its parameters
     to; a model already adapted is refused (two methods at once would be neither)."""
     adapted = [name for name, m in model.named_modules()
-               if isinstance(m, Adapter | Rescaled | PrefixKV | LoRALinear | TokenRows)]
+               if isinstance(m, Adapter | ParallelAdapter | Rescaled | PrefixKV | LoRALinear | TokenRows)]
     if adapted:
         raise ValueError(f"the model is already adapted ({adapted[0]}); start from a plain GPT")
     for p in model.parameters():
@@ -118,12 +159,25 @@ def _frozen_blocks(model: GPT) -> list[Block]:
     return list(model.transformer.h)
 
 
-def apply_adapters(model: GPT, bottleneck: int = 16) -> GPT:
-    """Freeze ``model`` and put an :class:`Adapter` of width ``bottleneck`` after the output
-    projection of each attention and each MLP (Houlsby's two places per block); in place."""
+#: Where :func:`apply_adapters` puts them.
+PLACEMENTS = ("sequential", "parallel")
+
+
+def apply_adapters(model: GPT, bottleneck: int = 16, placement: str = "sequential", scale: float = 4.0) -> GPT:
+    """Freeze ``model`` and give each attention and each MLP an adapter of width ``bottleneck``
+    (two per block, the same parameters either way); in place. ``placement="sequential"``: an
+    :class:`Adapter` after each output projection (Houlsby et al.); ``"parallel"``: a
+    :class:`ParallelAdapter` of ``scale`` beside each whole sublayer (He et al.)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r} must be one of {', '.join(PLACEMENTS)}")
     for block in _frozen_blocks(model):
-        block.attn.c_proj = Adapter(block.attn.c_proj, bottleneck)
-        block.mlp.c_proj = Adapter(block.mlp.c_proj, bottleneck)
+        if placement == "parallel":
+            width = model.config.n_embd
+            block.attn = ParallelAdapter(block.attn, width, bottleneck, scale)
+            block.mlp = ParallelAdapter(block.mlp, width, bottleneck, scale)
+        else:
+            block.attn.c_proj = Adapter(block.attn.c_proj, bottleneck)
+            block.mlp.c_proj = Adapter(block.mlp.c_proj, bottleneck)
     return model
 
 

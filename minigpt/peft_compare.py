@@ -94,9 +94,10 @@ def compare(recipe: Recipe, out_dir: str | os.PathLike, *, methods: Sequence[str
         if method == "full":
             options = dict(learning_rate=s.full_learning_rate)
         elif method == "lora":
-            options["lora"] = dict(r=s.lora_rank, alpha=2.0 * s.lora_rank, token_rows=(), train_also=also)
+            options["lora"] = dict(r=s.lora_rank, alpha=s.lora_alpha, token_rows=(), train_also=also)
         elif method == "adapter":
-            options["peft"] = dict(method="adapter", bottleneck=s.bottleneck, train_also=also)
+            options["peft"] = dict(method="adapter", bottleneck=s.bottleneck, placement=s.adapter_placement,
+                                   scale=s.adapter_scale, train_also=also)
         elif method == "ia3":
             options = dict(learning_rate=s.vector_learning_rate, peft=dict(method="ia3", train_also=also))
         elif method == "prefix":

@@ -275,10 +275,18 @@ class PEFTRecipe:
     learning_rate: float  # LoRA and adapters: new matrices
     vector_learning_rate: float  # (IA)^3, prefix and prompt tuning: a few vectors, which want larger steps
     lora_rank: int
+    lora_alpha: float  # LoRA's update is scaled by lora_alpha / lora_rank
     bottleneck: int  # the adapters' width
     prefix_length: int  # learned keys and values per layer
     prompt_length: int  # soft tokens
     train_also: tuple[str, ...] = ("ln_1", "ln_2", "ln_f")  # trained beside every method's own parameters
+    # "parallel" (He et al. 2022: beside each attention and MLP, reading their input, times
+    # adapter_scale) or "sequential" (Houlsby et al.: after each output projection). Same parameters;
+    # at cpu, seed 1, bottleneck 24: parallel 0.983 exact match on B, sequential 0.857.
+    adapter_placement: str = "parallel"
+    # A parallel adapter's output scale. He et al. used 4; at cpu, seed 1, 1 learned faster
+    # (0.983 against 0.950 at 2 and 0.937 at 4), as LoRA did at alpha = rank.
+    adapter_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -396,6 +404,8 @@ class Recipe:
         if self.honesty.share not in self.honesty.shares or not all(0 <= x <= 1 for x in self.honesty.shares):
             raise ValueError(f"honesty.share={self.honesty.share} must be one of honesty.shares={self.honesty.shares}, "
                              "each a share of the training questions (0 to 1)")
+        if self.peft.adapter_placement not in ("sequential", "parallel"):
+            raise ValueError(f"peft.adapter_placement={self.peft.adapter_placement!r} must be 'sequential' or 'parallel'")
         r = self.reasoning
         if not r.digits < r.test_digits <= 25:  # 26 place markers, one kept for the final carry
             raise ValueError(f"reasoning.test_digits={r.test_digits} must be above reasoning.digits={r.digits} (the "
@@ -454,7 +464,7 @@ RECIPES: dict[str, Recipe] = {
                                   lora_steps=200, lora_learning_rate=1e-2,
                                   lora_rank=4),
         peft=PEFTRecipe(steps=400, batch_size=128, warmup_steps=20, full_learning_rate=3e-3, learning_rate=2e-2,
-                        vector_learning_rate=1e-1, lora_rank=2, bottleneck=8, prefix_length=8, prompt_length=8),
+                        vector_learning_rate=1e-1, lora_rank=2, lora_alpha=4.0, bottleneck=8, prefix_length=8, prompt_length=8),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=6e-3),
         reasoning=ReasoningRecipe(digits=2, test_digits=4, n_train=5000, n_test=50, n_layer=3, n_head=4, n_embd=96,
                                   steps=400, batch_size=32, learning_rate=3e-3, warmup_steps=20, shots=1,
@@ -492,8 +502,13 @@ RECIPES: dict[str, Recipe] = {
                                   learning_rate=2e-3, replay=0.5, ewc_strength=300.0, fisher_examples=500,
                                   lora_steps=400, lora_learning_rate=1e-2,
                                   lora_rank=8),
+        # LoRA rank 6 with alpha = rank, parallel adapters 24 wide at scale 1 (4.6% and 4.7% trained):
+        # exact match on B 0.993 / 0.997 / 0.997 and 0.960 / 0.983 / 0.973 at seeds 1337 / 1 / 2 (full:
+        # 0.997 / 0.990 / 1.000). LoRA at rank 4, alpha 8 (3.2%): 0.950 / 0.907 / -; at rank 6, alpha 12:
+        # - / 0.993 / 0.777 (alpha 24 at seed 2: 0.643). Sequential adapters 24 wide (weight-decayed, as they
+        # were): 0.913 / 0.857 / -.
         peft=PEFTRecipe(steps=800, batch_size=128, warmup_steps=40, full_learning_rate=2e-3, learning_rate=2e-2,
-                        vector_learning_rate=1e-1, lora_rank=4, bottleneck=16, prefix_length=8, prompt_length=8),
+                        vector_learning_rate=1e-1, lora_rank=6, lora_alpha=6.0, bottleneck=24, prefix_length=8, prompt_length=8),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=4e-3),
         reasoning=ReasoningRecipe(digits=3, test_digits=5, n_train=20000, n_test=100, n_layer=3, n_head=4, n_embd=128,
                                   steps=800, batch_size=32, learning_rate=3e-3, warmup_steps=50, shots=4,
@@ -531,7 +546,7 @@ RECIPES: dict[str, Recipe] = {
                                   lora_steps=1500, lora_learning_rate=3e-3,
                                   lora_rank=16),
         peft=PEFTRecipe(steps=1000, batch_size=64, warmup_steps=50, full_learning_rate=5e-4, learning_rate=3e-3,
-                        vector_learning_rate=3e-2, lora_rank=8, bottleneck=32, prefix_length=16, prompt_length=16),
+                        vector_learning_rate=3e-2, lora_rank=8, lora_alpha=16.0, bottleneck=32, prefix_length=16, prompt_length=16),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=2e-3),
         reasoning=ReasoningRecipe(digits=8, test_digits=12, n_train=100000, n_test=500, n_layer=6, n_head=8, n_embd=256,
                                   steps=5000, batch_size=64, learning_rate=1e-3, warmup_steps=200, shots=8,
@@ -569,7 +584,7 @@ RECIPES: dict[str, Recipe] = {
                                   lora_steps=1500, lora_learning_rate=2e-3,
                                   lora_rank=16),
         peft=PEFTRecipe(steps=1000, batch_size=64, warmup_steps=50, full_learning_rate=2e-4, learning_rate=2e-3,
-                        vector_learning_rate=3e-2, lora_rank=16, bottleneck=64, prefix_length=16, prompt_length=16),
+                        vector_learning_rate=3e-2, lora_rank=16, lora_alpha=32.0, bottleneck=64, prefix_length=16, prompt_length=16),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=1.2e-3),
         reasoning=ReasoningRecipe(digits=10, test_digits=16, n_train=200000, n_test=1000, n_layer=8, n_head=8,
                                   n_embd=512, steps=10000, batch_size=128, learning_rate=5e-4, warmup_steps=500, shots=8,

@@ -2,6 +2,7 @@
 by-hand version of what it computes, and the six-way comparison of minigpt.peft_compare."""
 
 import copy
+import functools
 import json
 import math
 
@@ -15,6 +16,7 @@ from minigpt.lora import apply_lora
 from minigpt.model import GPT, GPTConfig
 from minigpt.peft import (
     Adapter,
+    ParallelAdapter,
     PrefixKV,
     Rescaled,
     apply_adapters,
@@ -40,13 +42,13 @@ def _idx(seed=1, t=12):
     return torch.randint(0, CONFIG.vocab_size, (3, t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("apply", [apply_adapters, apply_ia3])
+@pytest.mark.parametrize("apply", [apply_adapters, functools.partial(apply_adapters, placement="parallel"), apply_ia3])
 def test_adapters_and_ia3_start_as_the_model_and_train_only_their_own_parameters(apply):
     plain, idx = _model(), _idx()
     adapted = apply(copy.deepcopy(plain))
     torch.testing.assert_close(adapted(idx)[0], plain(idx)[0], rtol=0, atol=0)
     trained = {name for name, p in adapted.named_parameters() if p.requires_grad}
-    kinds = {"adapter": ("down", "up"), "ia3": ("scale",)}["adapter" if apply is apply_adapters else "ia3"]
+    kinds = {"adapter": ("down", "up"), "ia3": ("scale",)}["ia3" if apply is apply_ia3 else "adapter"]
     assert trained and all(name.rsplit(".", 2)[-2] in kinds or name.endswith("scale") for name in trained)
     perturb_trainable(adapted).train()
     adapted(idx, idx)[1].backward()
@@ -65,6 +67,45 @@ def test_an_adapter_is_a_residual_bottleneck_after_its_linear_layer():
     torch.testing.assert_close(adapter(x), by_hand)
     with pytest.raises(ValueError, match="bottleneck=0"):
         Adapter(base, 0)
+
+
+def test_a_parallel_adapter_is_a_scaled_bottleneck_beside_its_sublayer():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 8)
+    adapter = ParallelAdapter(base, 8, 3, scale=2.5)
+    perturb_trainable(adapter)
+    x = torch.randn(4, 8)
+    bottleneck = F.gelu(x @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T + adapter.up.bias
+    torch.testing.assert_close(adapter(x), base(x) + 2.5 * bottleneck)
+    with pytest.raises(ValueError, match="bottleneck=0"):
+        ParallelAdapter(base, 8, 0)
+    # Beside attention, which returns (output, weights): it adds to the output and reads the block's
+    # normalised input, the attention's own.
+    model = apply_adapters(_model(), 4, placement="parallel", scale=4.0)
+    block = perturb_trainable(model).transformer.h[0]
+    assert isinstance(block.attn, ParallelAdapter) and isinstance(block.mlp, ParallelAdapter)
+    h = torch.randn(2, 5, CONFIG.n_embd)
+    out, weights = block.attn(h, need_weights=True)
+    plain_out, plain_weights = block.attn.base(h, need_weights=True)
+    side = block.attn.up(F.gelu(block.attn.down(h)))
+    torch.testing.assert_close(out, plain_out + 4.0 * side)
+    torch.testing.assert_close(weights, plain_weights)
+    # The same parameters as Houlsby's sequential adapters of the same width.
+    assert trainable_parameters(model) == trainable_parameters(apply_adapters(_model(), 4))
+    with pytest.raises(ValueError, match="placement='beside'"):
+        apply_adapters(_model(), 4, placement="beside")
+
+
+@pytest.mark.parametrize("placement", ["sequential", "parallel"])
+def test_adapters_carry_no_weight_decay_as_loras_matrices(placement):
+    from minigpt.train import TrainConfig, make_optimizer
+
+    model = apply_adapters(_model(), 4, placement=placement)
+    decayed = {id(p) for g in make_optimizer(model, TrainConfig(weight_decay=0.1), "cpu").param_groups
+               if g["weight_decay"] > 0 for p in g["params"]}
+    adapters = [m for m in model.modules() if isinstance(m, Adapter | ParallelAdapter)]
+    assert len(adapters) == 2 * CONFIG.n_layer
+    assert not decayed & {id(p) for m in adapters for p in (m.down.weight, m.up.weight)}
 
 
 def test_ia3_scales_fold_into_the_weight_they_scale():
@@ -185,11 +226,12 @@ def test_a_soft_prompt_is_new_tokens_in_a_system_message_whose_rows_alone_train(
     assert with_system([two_turns], system)[0].messages[0].content == system
 
 
-@pytest.mark.parametrize("method", ["adapter", "ia3", "prefix"])
-def test_sft_trains_a_peft_method_and_load_run_rebuilds_it(ci, tok, tmp_path, method):
+@pytest.mark.parametrize(("method", "options"), [
+    ("adapter", {"bottleneck": 4}), ("adapter", {"bottleneck": 4, "placement": "parallel", "scale": 4.0}),
+    ("ia3", {}), ("prefix", {"length": 2, "init_ids": [5, 6]})])
+def test_sft_trains_a_peft_method_and_load_run_rebuilds_it(ci, tok, tmp_path, method, options):
     base = _model(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32))
     train = [Conversation.single(f"What is {a} + 1?", str(a + 1)) for a in range(40)]
-    options = {"adapter": {"bottleneck": 4}, "ia3": {}, "prefix": {"length": 2, "init_ids": [5, 6]}}[method]
     run = sft(ci, base, tmp_path, tokenizer=tok, train=train, test=train[:8], peft={"method": method, **options},
               max_steps=3, batch_size=8, progress=False, checkpoint_interval=0, sample_interval=0)
     assert json.loads((tmp_path / "run.json").read_text())["extra"]["peft"] == {"method": method, **options}
@@ -201,6 +243,15 @@ def test_sft_trains_a_peft_method_and_load_run_rebuilds_it(ci, tok, tmp_path, me
     torch.testing.assert_close(loaded(idx)[0], run.model.eval()(idx)[0])
     with pytest.raises(ValueError, match="lora or peft, not both"):
         sft(ci, base, tmp_path / "both", tokenizer=tok, train=train, lora=True, peft={"method": method})
+
+
+def test_the_recipe_names_where_adapters_go():
+    from minigpt.recipe import recipe
+
+    assert recipe("cpu").peft.adapter_placement == "parallel"
+    assert recipe("cpu", {"peft.adapter_placement": "sequential"}).peft.adapter_placement == "sequential"
+    with pytest.raises(ValueError, match="peft.adapter_placement='beside'"):
+        recipe("cpu", {"peft.adapter_placement": "beside"})
 
 
 def test_compare_refuses_an_unknown_method(ci, tmp_path):
