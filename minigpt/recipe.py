@@ -19,7 +19,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import reduce
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -281,12 +281,10 @@ class PEFTRecipe:
     prompt_length: int  # soft tokens
     train_also: tuple[str, ...] = ("ln_1", "ln_2", "ln_f")  # trained beside every method's own parameters
     # "parallel" (He et al. 2022: beside each attention and MLP, reading their input, times
-    # adapter_scale) or "sequential" (Houlsby et al.: after each output projection). Same parameters;
-    # at cpu, seed 1, bottleneck 24: parallel 0.983 exact match on B, sequential 0.857.
-    adapter_placement: str = "parallel"
-    # A parallel adapter's output scale. He et al. used 4; at cpu, seed 1, 1 learned faster
-    # (0.983 against 0.950 at 2 and 0.937 at 4), as LoRA did at alpha = rank.
-    adapter_scale: float = 1.0
+    # adapter_scale) or "sequential" (Houlsby et al.: after each output projection); the same
+    # parameters. book/recipes.md has what each placement, scale and alpha measured.
+    adapter_placement: Literal["sequential", "parallel"] = "parallel"
+    adapter_scale: float = 1.0  # a parallel adapter's output scale (He et al. used 4)
 
 
 @dataclass(frozen=True)
@@ -404,8 +402,6 @@ class Recipe:
         if self.honesty.share not in self.honesty.shares or not all(0 <= x <= 1 for x in self.honesty.shares):
             raise ValueError(f"honesty.share={self.honesty.share} must be one of honesty.shares={self.honesty.shares}, "
                              "each a share of the training questions (0 to 1)")
-        if self.peft.adapter_placement not in ("sequential", "parallel"):
-            raise ValueError(f"peft.adapter_placement={self.peft.adapter_placement!r} must be 'sequential' or 'parallel'")
         r = self.reasoning
         if not r.digits < r.test_digits <= 25:  # 26 place markers, one kept for the final carry
             raise ValueError(f"reasoning.test_digits={r.test_digits} must be above reasoning.digits={r.digits} (the "
@@ -502,11 +498,6 @@ RECIPES: dict[str, Recipe] = {
                                   learning_rate=2e-3, replay=0.5, ewc_strength=300.0, fisher_examples=500,
                                   lora_steps=400, lora_learning_rate=1e-2,
                                   lora_rank=8),
-        # LoRA rank 6 with alpha = rank, parallel adapters 24 wide at scale 1 (4.6% and 4.7% trained):
-        # exact match on B 0.993 / 0.997 / 0.997 and 0.960 / 0.983 / 0.973 at seeds 1337 / 1 / 2 (full:
-        # 0.997 / 0.990 / 1.000). LoRA at rank 4, alpha 8 (3.2%): 0.950 / 0.907 / -; at rank 6, alpha 12:
-        # - / 0.993 / 0.777 (alpha 24 at seed 2: 0.643). Sequential adapters 24 wide (weight-decayed, as they
-        # were): 0.913 / 0.857 / -.
         peft=PEFTRecipe(steps=800, batch_size=128, warmup_steps=40, full_learning_rate=2e-3, learning_rate=2e-2,
                         vector_learning_rate=1e-1, lora_rank=6, lora_alpha=6.0, bottleneck=24, prefix_length=8, prompt_length=8),
         vision=VisionRecipe(patch=2, steps=200, batch_size=32, learning_rate=4e-3),
@@ -670,12 +661,12 @@ def parse_value(text: str, hint: Any, path: str) -> object:
     origin = typing.get_origin(hint)
     if origin is tuple:
         return tuple(parse_value(t.strip(), args[0], path) for t in text.split(",") if t.strip())
-    kind = args[0] if args and origin is not typing.Literal else hint
+    if origin is typing.Literal:
+        if text not in typing.get_args(hint):
+            raise ValueError(f"{path}={text!r} must be one of {', '.join(map(repr, typing.get_args(hint)))}")
+        return text
+    kind = args[0] if args else hint
     try:
-        if origin is typing.Literal:
-            if text not in typing.get_args(hint):
-                raise ValueError
-            return text
         if kind is bool:
             return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
         return kind(text)

@@ -45,7 +45,7 @@ def test_overrides_by_dotted_path_parse_strings_by_the_fields_type():
     ({"sft": 3}, "'sft' is a section; set one of its fields, such as sft.base"),
     ({"sft.steps.x": 3}, "steps is a value, not a section"),
     ({"sft.steps": "many"}, "sft.steps='many' is not a valid int"),
-    ({"rlhf.grpo.advantage": "ppo"}, "rlhf.grpo.advantage='ppo' is not a valid"),
+    ({"rlhf.grpo.advantage": "ppo"}, "rlhf.grpo.advantage='ppo' must be one of 'grpo', 'rloo'"),
     ({"model.n_head": 3}, "model.n_embd=64 must be a multiple of model.n_head=3"),
     ({"rlhf.start_step": 5}, r"rlhf.start_step=5 must be one of sft.keep_steps=\(120,\)"),
 ])
