@@ -7,9 +7,9 @@ Each method freezes every weight of a GPT and adds a few new parameters in one p
   add. ``W_up`` starts at zero, so the adapted model starts as the model it adapts. He et al.
   (2022) put the same bottleneck *beside* each sublayer instead (:class:`ParallelAdapter`),
   reading the sublayer's normalised input and adding ``s W_up gelu(W_down x)`` to its output: the
-  same parameters, and at ``cpu`` they learn chapter 13's task B far better. Like LoRA's matrices,
-  an adapter's carry no weight decay, which would pull the adapted model back towards the frozen
-  one.
+  same parameters, learning chapter 13's task B faster at its sizes (``book/recipes.md``). Like
+  LoRA's matrices, an adapter's carry no weight decay, which would pull the adapted model back
+  towards the frozen one.
 * **(IA)^3** (Liu et al. 2022, :class:`Rescaled`): three learned vectors per block that rescale,
   feature by feature, the keys, the values and the MLP's hidden activations. They start at one.
   The fewest parameters of all, and, being scales of a linear map, foldable into its weight.
