@@ -267,12 +267,14 @@ def test_six_ways_to_learn_task_b_what_they_learn_cost_and_forget(ci, tmp_path, 
     full, lora, adapter = results["full"], results["lora"], results["adapter"]
     assert lora.fraction <= 0.05 and adapter.fraction <= 0.05
     assert full.state_bytes > 10 * lora.state_bytes  # gradients and AdamW moments of every weight
-    # Spreads over seeds 1337, 1 and 2 at one thread (3 runs; the two-thread runs were cut short).
-    outcome.check("peft: full fine-tuning, exact match on B", full.b_after, ">=", 0.5)  # spread 0.655 .. 1.000 (3 runs)
-    outcome.check("peft: LoRA, exact match on B", lora.b_after, ">=", 0.08)  # spread 0.145 .. 0.300 (3 runs)
-    outcome.check("peft: adapters, exact match on B", adapter.b_after, ">=", 0.03)  # spread 0.060 .. 0.150 (3 runs)
+    # Spreads over seeds 1337, 1 and 2 at one and two threads (6 runs, parallel adapters at the recipe's scale 1).
+    # At `ci` the PEFT methods learn little of B in 400 steps from a small A model: the ranking and the
+    # costs are what this checks; chapter 13 at `cpu` shows LoRA and adapters close to full fine-tuning.
+    outcome.check("peft: full fine-tuning, exact match on B", full.b_after, ">=", 0.5)  # spread 0.655 .. 1.000
+    outcome.check("peft: LoRA, exact match on B", lora.b_after, ">=", 0.05)  # spread 0.090 .. 0.300
+    outcome.check("peft: adapters, exact match on B", adapter.b_after, ">=", 0.03)  # spread 0.060 .. 0.140
     best = max(r.b_after for m, r in results.items() if m != "full")
     outcome.check("peft: full fine-tuning's lead over the best PEFT method on B", full.b_after - best,
-                  ">=", 0.2)  # spread 0.355 .. 0.855 (3 runs)
+                  ">=", 0.2)  # spread 0.355 .. 0.855
     outcome.check("peft: A kept with the method in place, the best method", max(r.a_after for r in results.values()),
-                  "<=", 0.35)  # spread 0.142 .. 0.174 (3 runs); A before: 0.97
+                  "<=", 0.35)  # spread 0.116 .. 0.174; A before: 0.97
