@@ -44,19 +44,26 @@ __all__ = ["Adapter", "PEFT_METHODS", "PLACEMENTS", "ParallelAdapter", "PrefixKV
            "apply_ia3", "apply_peft", "apply_prefix", "soft_prompt", "trainable_parameters"]
 
 
+def _bottleneck(width: int, bottleneck: int, like: torch.Tensor) -> tuple[nn.Linear, nn.Linear]:
+    """An adapter's two layers, ``down`` (width -> bottleneck) and ``up`` (back), on ``like``'s
+    device and dtype. ``up`` starts at zero, so the adapted model starts as the model it adapts;
+    ``down`` keeps nn.Linear's random start, as LoRA's A does."""
+    if bottleneck < 1:
+        raise ValueError(f"bottleneck={bottleneck} must be at least 1")
+    down, up = nn.Linear(width, bottleneck).to(like), nn.Linear(bottleneck, width).to(like)
+    nn.init.zeros_(up.weight)
+    nn.init.zeros_(up.bias)
+    return down, up
+
+
 class Adapter(nn.Module):
     """A frozen linear layer followed by a residual bottleneck: ``y + up(gelu(down(y)))`` with
     ``y = base(x)``. ``up`` starts at zero, so at first the layer is ``base`` exactly."""
 
     def __init__(self, base: nn.Linear, bottleneck: int) -> None:
         super().__init__()
-        if bottleneck < 1:
-            raise ValueError(f"bottleneck={bottleneck} must be at least 1")
         self.base = base
-        self.down = nn.Linear(base.out_features, bottleneck).to(base.weight)
-        self.up = nn.Linear(bottleneck, base.out_features).to(base.weight)
-        nn.init.zeros_(self.up.weight)  # down keeps nn.Linear's random start, as LoRA's A does
-        nn.init.zeros_(self.up.bias)
+        self.down, self.up = _bottleneck(base.out_features, bottleneck, base.weight)
 
     def no_decay_parameters(self) -> tuple[nn.Parameter, ...]:
         """The matrices an optimizer should not decay: as LoRA's, decay would pull the adapted model
@@ -80,18 +87,10 @@ class ParallelAdapter(nn.Module):
 
     def __init__(self, base: nn.Module, width: int, bottleneck: int, scale: float = 4.0) -> None:
         super().__init__()
-        if bottleneck < 1:
-            raise ValueError(f"bottleneck={bottleneck} must be at least 1")
         self.base, self.scale = base, scale
-        like = next(base.parameters())
-        self.down = nn.Linear(width, bottleneck).to(like)
-        self.up = nn.Linear(bottleneck, width).to(like)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        self.down, self.up = _bottleneck(width, bottleneck, next(base.parameters()))
 
-    def no_decay_parameters(self) -> tuple[nn.Parameter, ...]:
-        """The matrices an optimizer should not decay (as :meth:`Adapter.no_decay_parameters`)."""
-        return (self.down.weight, self.up.weight)
+    no_decay_parameters = Adapter.no_decay_parameters
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = self.base(x, *args, **kwargs)
