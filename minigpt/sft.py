@@ -435,12 +435,15 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
         q = test[0]
         return f"{q.prompt[-1].content} -> {answers(m, tok, [q])[0]!r} (expected {q.answer!r})"
 
-    # GPT-2's weights bring their own shape and tokenizer: the recipe's tokenizer and model parts play no part.
-    shape = () if stage == "instruct" else ("tokenizer", "model")
+    # GPT-2's weights and a model passed in (chapter 14's byte-level ones) bring their own shape and
+    # tokenizer: run.json records those, not the recipe's tokenizer and model parts.
+    own_shape = stage == "instruct" or isinstance(base, GPT)
+    shape = {"model": dataclasses.asdict(model.config), "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size}}
     info = run_info(recipe, "lora" if lora_kwargs else stage, parent=parent,
-                    parts=(*shape, "optim", stage, *(("lora",) if lora else ())),
+                    parts=(*(() if own_shape else ("tokenizer", "model")), "optim", stage, *(("lora",) if lora else ())),
                     module="minigpt.sft" if stage == "sft" else "minigpt.chatbot", train=train_overrides,
-                    extra={"task": task if generated else "custom", "lora": lora_kwargs, "peft": peft})
+                    extra={"task": task if generated else "custom", "lora": lora_kwargs, "peft": peft,
+                           **(shape if own_shape else {})})
     with run_lock(out) if ddp.is_main else nullcontext():  # the folder is this run's until it ends
         if ddp.is_main:
             begin_run(out, info, resume=resume)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -8,6 +9,7 @@ from minigpt.chat import CHAT_TOKENS, Conversation, render
 from minigpt.cli import main
 from minigpt.lora import apply_lora, lora_layers, trainable_fraction
 from minigpt.model import GPT, GPTConfig
+from minigpt.reasoning import byte_tokenizer
 from minigpt.recipe import RECIPES
 from minigpt.runs import load_run, read_run, trained
 from minigpt.sft import (
@@ -165,6 +167,20 @@ def test_a_finished_run_reloads_with_the_same_answers(ci_run):
     model, tok = load_run(out)
     assert tok.special_tokens == run.tokenizer.special_tokens
     assert answers(model, tok, run.test[:20]) == answers(run.model, run.tokenizer, run.test[:20])
+
+
+def test_run_json_describes_the_model_that_trained(ci, ci_run, tmp_path):
+    out, _ = ci_run  # from the recipe's pretraining run: the recipe's shape is the model's
+    info = read_run(out)
+    assert info.settings["model.n_layer"] == ci.model.n_layer and "model" not in info.extra
+    tok = byte_tokenizer()  # a model passed in, of another shape and tokenizer, as chapter 14's
+    config = GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, position="rope")
+    sft(ci, GPT(config), tmp_path, tokenizer=tok, train=arithmetic(16), test=arithmetic(4, split="test"),
+        batch_size=8, max_steps=2, progress=False)
+    info = read_run(tmp_path)
+    assert not any(k.startswith(("model.", "tokenizer.")) for k in info.settings)
+    assert info.extra["model"] == json.loads(json.dumps(dataclasses.asdict(config)))
+    assert info.extra["tokenizer"] == {"name": "bytes", "vocab_size": tok.vocab_size}
 
 
 def test_lora_token_rows_are_the_chat_tokens_then_the_commonest_answer_tokens(tok):
