@@ -181,6 +181,9 @@ class KVCache:
         #: (batch, max_len) True where a cached position holds a real token, not left padding;
         #: None while every position is real (no ``attention_mask`` was given).
         self.real: torch.Tensor | None = None
+        #: (batch, length) the token ids fed so far, for a model whose positions are computed from
+        #: the tokens (:class:`minigpt.reasoning.CoupledGPT`); None for every other model.
+        self.tokens: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values (B, H, T, D) after the cached ones; return all of them.
@@ -202,6 +205,8 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
         if self.real is not None:
             self.real = self.real[rows]
+        if self.tokens is not None:
+            self.tokens = self.tokens[rows]
 
 
 @dataclass(frozen=True)
@@ -212,7 +217,9 @@ class Padding:
     and which keys each query may see. Built by :meth:`GPT.forward` from ``attention_mask``."""
 
     positions: torch.Tensor  #: (B, T) long
-    allowed: torch.Tensor  #: (B, 1, T, T_key) bool: causal, and never a pad key (but its own)
+    #: (B, 1, T, T_key) bool: causal, and never a pad key (but its own); None: plain causal
+    #: attention (positions given to :meth:`GPT.forward` for a batch without padding)
+    allowed: torch.Tensor | None
 
     @classmethod
     def of(cls, real: torch.Tensor, t_query: int) -> Padding:
@@ -446,7 +453,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, last_only: bool = False,
                 return_attention: bool = False, prefix: torch.Tensor | None = None,
-                logits: bool = True, attention_mask: torch.Tensor | None = None) -> tuple[Any, ...]:
+                logits: bool = True, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> tuple[Any, ...]:
         """Next-token logits for every position of ``idx`` (B, T).
 
         * ``targets``: (B, T) next tokens; positions set to -100 are left out of the mean loss.
@@ -461,6 +469,10 @@ class GPT(nn.Module):
           prompts of different lengths (as in Hugging Face). Each row then reads positions from 0
           at its first real token and no token attends to padding, so a row's logits are those it
           would have alone. With ``kv_cache`` the cache keeps the mask: later calls may omit it.
+        * ``positions``: (B, T) the position of each token of ``idx`` (its RoPE angle or ``wpe``
+          row) in place of its place in the sequence, as Hugging Face's ``position_ids``: tokens
+          that belong together can share positions (position coupling, chapter 14). With
+          ``kv_cache``, the positions of the new tokens.
         * ``logits=False`` (with ``targets``): run the output head only at the positions whose
           target counts and return ``(None, loss)``, the same loss for less work where most targets
           are -100 (SFT's prompts). The selection's shape depends on the data: eager mode only.
@@ -474,7 +486,7 @@ class GPT(nn.Module):
         """
         if not self.config.causal and (kv_cache is not None or last_only or attention_mask is not None):
             raise ValueError(NOT_CAUSAL)
-        x, attentions = self._trunk(idx, kv_cache, return_attention, prefix, attention_mask)
+        x, attentions = self._trunk(idx, kv_cache, return_attention, prefix, attention_mask, positions)
         if prefix is not None:
             x = x[:, prefix.size(1):]
         if not logits:
@@ -501,8 +513,8 @@ class GPT(nn.Module):
         return self._trunk(idx, None, False)[0]
 
     def _trunk(self, idx: torch.Tensor, kv_cache: KVCache | None, return_attention: bool,
-               prefix: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Any]]:
+               prefix: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Any]]:
         x = self.transformer.wte(idx)
         if prefix is not None:
             if prefix.dim() != 3 or prefix.size(0) != idx.size(0) or prefix.size(2) != self.config.n_embd:
@@ -522,6 +534,8 @@ class GPT(nn.Module):
         if kv_cache is not None and kv_cache.length + T > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {start} used, {T} more given")
         padding = self._padding(idx, attention_mask, kv_cache, prefix)
+        if positions is not None:
+            padding = self._given_positions(positions, idx, padding, prefix)
         if "wpe" in self.transformer:  # learned positions; RoPE rotates inside attention instead
             pos = padding.positions if padding is not None else \
                 torch.arange(start, start + T, dtype=torch.long, device=idx.device)
@@ -534,6 +548,18 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         return self.transformer.ln_f(x), attentions
+
+    def _given_positions(self, positions: torch.Tensor, idx: torch.Tensor, padding: Padding | None,
+                         prefix: torch.Tensor | None) -> Padding:
+        """``padding`` (or none) with the positions :meth:`forward` was given instead of its own."""
+        if positions.shape != idx.shape:
+            raise ValueError(f"positions must have the shape of idx {tuple(idx.shape)}, got {tuple(positions.shape)}")
+        if prefix is not None:
+            raise ValueError("positions and prefix cannot be combined: a prefix takes the first positions")
+        if "wpe" in self.transformer and not 0 <= int(positions.min()) <= int(positions.max()) < self.config.block_size:
+            raise ValueError(f"learned positions have rows 0..{self.config.block_size - 1}; got positions "
+                             f"{int(positions.min())}..{int(positions.max())} (rotary positions take any)")
+        return Padding(positions.to(idx.device, torch.long), padding.allowed if padding is not None else None)
 
     @staticmethod
     def _padding(idx: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: KVCache | None,

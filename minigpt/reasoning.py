@@ -11,7 +11,10 @@ top of the working, rewarded only for a right final answer (:func:`grpo_on_worki
 
 The models here start from random weights (:func:`reasoning_model`): one byte a token, so every
 digit and every place marker is a token of its own, and rotary positions (chapter 9), which see
-only how far apart two tokens are, never where they are.
+only how far apart two tokens are, never where they are. Numbered 0, 1, 2, ... in order, those
+distances change with the length of the numbers, and the working stops at the lengths it was
+trained on; numbered by column (:func:`coupled_positions`, a :class:`CoupledGPT`), every distance
+the working needs is the same at every length, and it carries on past them.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 
 from minigpt.chat import Conversation, render_prompt, with_chat_tokens
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, KVCache
 from minigpt.recipe import Recipe
 from minigpt.rlhf.grpo import grpo
 from minigpt.rlhf.run import mean_reward
@@ -39,8 +42,8 @@ from minigpt.tasks.data import sample_split
 from minigpt.tasks.evaluate import answer_budget
 from minigpt.tokenizer import BPETokenizer
 
-__all__ = ["ANSWER_MARKER", "HINTS", "ReasonerRun", "addition_question", "addition_working", "byte_tokenizer",
-           "correct_final", "digit_tests", "direct_answer", "exact_match_by_digits", "final_answer", "grpo_on_working",
+__all__ = ["ANSWER_MARKER", "COLUMN_STRIDE", "CoupledGPT", "FIRST_COLUMN", "HINTS", "ReasonerRun", "SLOTS",
+           "addition_question", "addition_working", "byte_tokenizer", "correct_final", "coupled_positions", "digit_tests", "direct_answer", "exact_match_by_digits", "final_answer", "grpo_on_working",
            "hint_offset", "hinted_question", "long_addition", "reasoning_model", "sampled_accuracy_by_digits",
            "train_reasoner", "with_hints"]
 
@@ -178,13 +181,115 @@ def _longest(digits: int, tokenizer: BPETokenizer) -> int:
     return len(render_prompt(conv, tokenizer)) + answer_budget(None, tokenizer, [conv])
 
 
-def reasoning_model(recipe: Recipe, tokenizer: BPETokenizer, *, seed: int | None = None) -> GPT:
+# -- position coupling ---------------------------------------------------------------------------
+
+#: Positions of the text before the numbers ("What is ", the chat tokens) count 0, 1, 2, ...; each
+#: column's tokens then share a block of COLUMN_STRIDE positions, the block of the column marked
+#: HINTS[i] starting at FIRST_COLUMN + i * COLUMN_STRIDE.
+FIRST_COLUMN, COLUMN_STRIDE = 64, 32
+#: Where in its column's block each kind of token sits: the first and the second number's marker
+#: (its digit is one further), " + " after the first number's units, "?" and the chat tokens after
+#: it (in the units column), the working's step for the column, "Answer: " (in the last step's
+#: column), the answer's marker and digit, and <|end|> (in the units column).
+SLOTS = {"first": 0, "second": 2, "plus": 4, "asked": 7, "step": 10, "answer_word": 20, "answer": 28, "end": 30}
+
+
+def coupled_positions(texts: Sequence[str]) -> list[int]:
+    """The position of each token of a rendered long-addition conversation (``texts``: each
+    token's text, ``""`` for a chat token), *coupled* by column (Cho et al. 2024): the digits of
+    one column, in the question, in its step of the working and in the answer, sit in the same
+    block of positions, always the same distance apart. Every lookup the working needs (this
+    column's digits, whether a next column exists, the step an answer digit comes from) is then
+    at a fixed distance, however long the numbers. Each position depends on its token and the
+    tokens before it only, so a model can compute them as it generates. Any text gets positions
+    (a wrong reply too); only the layout of :func:`hinted_question` and :func:`addition_working`
+    gets coupled ones."""
+    out: list[int] = []
+    state, seen, column, slot, second = "prompt", "", 0, 0, False
+    answer_word = len(ANSWER_MARKER) + 1  # "Answer: "
+
+    def at(s: int) -> int:
+        return FIRST_COLUMN + COLUMN_STRIDE * column + s
+
+    for text in texts:
+        marker = len(text) == 1 and text in HINTS
+        if state == "prompt":
+            out.append(len(out))
+            seen = (seen + text)[-8:]
+            if seen.endswith("What is "):
+                state = "question"
+        elif state == "question" and (marker or text.isdigit()):
+            if marker:
+                column = HINTS.index(text)
+            out.append(at(SLOTS["second" if second else "first"] + (0 if marker else 1)))
+        elif state == "question" and text in (" ", "+"):
+            slot = SLOTS["plus"] if not second else min(slot + 1, SLOTS["asked"] - 1)
+            second = True
+            out.append(at(slot))
+        elif state in ("question", "asked") and not marker:
+            slot = SLOTS["asked"] if state == "question" else min(slot + 1, SLOTS["step"] - 1)
+            state = "asked"
+            out.append(at(slot))
+        elif state in ("asked", "step") and marker:  # a step of the working begins
+            state, column, slot = "step", HINTS.index(text), SLOTS["step"]
+            out.append(at(slot))
+        elif state == "step" and text == ANSWER_MARKER[0]:
+            state, slot, answer_word = "answer_word", SLOTS["answer_word"], answer_word - 1
+            out.append(at(slot))
+        elif state == "step":
+            slot = min(slot + 1, SLOTS["answer_word"] - 1)
+            out.append(at(slot))
+        elif state == "answer_word" and answer_word > 0:
+            slot, answer_word = slot + 1, answer_word - 1
+            out.append(at(slot))
+        else:  # the answer: markers and digits by column, then <|end|> and anything after
+            state = "answer"
+            if marker:
+                column = HINTS.index(text)
+            out.append(at(SLOTS["answer"] if marker else SLOTS["answer"] + 1 if text.isdigit() else SLOTS["end"]))
+    return out
+
+
+class CoupledGPT(GPT):
+    """A GPT that computes its positions from its tokens (:func:`coupled_positions`) at every
+    call, in training and in generation alike: nothing that calls it (SFT, generation with a KV
+    cache and left padding, GRPO) needs to know. Rotary positions only (a learned table would need
+    a row per coupled position)."""
+
+    def __init__(self, config: GPTConfig, tokenizer: BPETokenizer) -> None:
+        if config.position != "rope":
+            raise ValueError(f"CoupledGPT needs position='rope', got {config.position!r}")
+        super().__init__(config)
+        self.texts = [tokenizer.decode([i]) if i not in tokenizer.special_tokens.values() else ""
+                      for i in range(tokenizer.vocab_size)]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[Any, ...]:
+        tokens, real = idx, (attention_mask.bool() if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool))
+        if kv_cache is not None and kv_cache.length:  # the earlier tokens, for the positions of the new ones
+            tokens = torch.cat([kv_cache.tokens, idx], dim=1)
+            cached = kv_cache.real[:, :kv_cache.length] if kv_cache.real is not None else \
+                torch.ones_like(kv_cache.tokens, dtype=torch.bool)
+            real = torch.cat([cached, real], dim=1)
+        if kv_cache is not None:
+            kv_cache.tokens = tokens
+        positions = torch.zeros_like(tokens)
+        for row, (ids, keep) in enumerate(zip(tokens.tolist(), real.tolist())):
+            kept = [i for i, k in zip(ids, keep) if k]  # left padding gets position 0, never attended to
+            positions[row, len(ids) - len(kept):] = torch.tensor(coupled_positions([self.texts[i] for i in kept]))
+        return super().forward(idx, targets, kv_cache=kv_cache, attention_mask=attention_mask,
+                               positions=positions[:, -idx.size(1):], **kwargs)
+
+
+def reasoning_model(recipe: Recipe, tokenizer: BPETokenizer, *, seed: int | None = None,
+                    coupled: bool = False) -> GPT:
     """Random weights of ``recipe.reasoning``'s shape, with rotary positions, and a block that holds
-    the longest worked sum measured (``test_digits``)."""
+    the longest worked sum measured (``test_digits``); ``coupled``: a :class:`CoupledGPT`."""
     r = recipe.reasoning
     torch.manual_seed(recipe.seed if seed is None else seed)
-    return GPT(GPTConfig(block_size=_longest(r.test_digits, tokenizer), vocab_size=tokenizer.vocab_size,
-                         n_layer=r.n_layer, n_head=r.n_head, n_embd=r.n_embd, position="rope"))
+    config = GPTConfig(block_size=_longest(r.test_digits, tokenizer), vocab_size=tokenizer.vocab_size,
+                       n_layer=r.n_layer, n_head=r.n_head, n_embd=r.n_embd, position="rope")
+    return CoupledGPT(config, tokenizer) if coupled else GPT(config)
 
 
 def digit_tests(recipe: Recipe, *, working: bool = True) -> dict[int, list[Conversation]]:
@@ -216,6 +321,7 @@ class ReasonerRun:
     working: bool
     run: SFTRun
     by_digits: dict[int, float]
+    coupled: bool = False  # positions coupled by column (a CoupledGPT)
 
     @property
     def model(self) -> GPT:
@@ -226,22 +332,23 @@ class ReasonerRun:
         return self.run.tokenizer
 
 
-def train_reasoner(recipe: Recipe, working: bool, out_dir: str | os.PathLike, *,
+def train_reasoner(recipe: Recipe, working: bool, out_dir: str | os.PathLike, *, coupled: bool = False,
                    progress: bool = False, **overrides: Any) -> ReasonerRun:
     """SFT of :func:`reasoning_model` on ``reasoning.n_train`` sums of 1..``digits`` digits, with
     the working or answering directly (the same questions, steps and batches), measured on
-    :func:`digit_tests`. ``out_dir`` holds the run (a run already there is trained again);
-    ``overrides`` are :class:`~minigpt.train.TrainConfig` fields."""
+    :func:`digit_tests`; ``coupled``: positions coupled by column (:class:`CoupledGPT`).
+    ``out_dir`` holds the run (a run already there is trained again); ``overrides`` are
+    :class:`~minigpt.train.TrainConfig` fields."""
     r = recipe.reasoning
     tok = byte_tokenizer()
     train = long_addition(r.n_train, digits=r.digits, working=working, seed=recipe.seed)
     tests = digit_tests(recipe, working=working)
     settings = dict(max_steps=r.steps, learning_rate=r.learning_rate, warmup_steps=r.warmup_steps, eval_interval=0,
                     checkpoint_interval=0, sample_interval=0, log_interval=50)
-    run = sft(recipe, reasoning_model(recipe, tok), Path(out_dir), tokenizer=tok, train=train,
+    run = sft(recipe, reasoning_model(recipe, tok, coupled=coupled), Path(out_dir), tokenizer=tok, train=train,
               test=tests[r.digits][:50], resume=False, progress=progress, batch_size=r.batch_size,
               **{**settings, **overrides})
-    return ReasonerRun(working, run, exact_match_by_digits(run.model, tok, tests))
+    return ReasonerRun(working, run, exact_match_by_digits(run.model, tok, tests), coupled)
 
 
 def sampled_accuracy_by_digits(model: GPT, tokenizer: BPETokenizer, tests: Mapping[int, Sequence[Conversation]], *,

@@ -318,6 +318,26 @@ def test_left_padded_greedy_decoding_returns_the_tokens_of_transformers(hf_pair)
     torch.testing.assert_close(logits[:, 6:-1], torch.stack(expected.logits, 1), atol=1e-4, rtol=1e-4)
 
 
+def test_given_positions_are_transformers_position_ids(hf_pair, model: GPT) -> None:
+    """forward(positions=) places each token where it is told, as transformers' position_ids do."""
+    hf, ours = hf_pair
+    idx = torch.randint(60, (2, 6), generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([[0, 1, 1, 5, 9, 9], [3, 2, 1, 0, 7, 8]])  # shared, reversed, skipped
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx, positions=positions)[0], hf(idx, position_ids=positions).logits,
+                                   atol=1e-4, rtol=1e-4)
+        rope = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, position="rope"))
+        x = idx % 50
+        torch.testing.assert_close(rope(x, positions=torch.arange(6).expand(2, 6))[0], rope(x)[0])
+        assert not torch.allclose(rope(x, positions=torch.arange(6).expand(2, 6) * 3)[0], rope(x)[0])
+    with pytest.raises(ValueError, match="shape of idx"):
+        ours(idx, positions=positions[:, 1:])
+    with pytest.raises(ValueError, match="learned positions have rows 0..47"):
+        model(idx % 50, positions=positions + 40)
+    with pytest.raises(ValueError, match="prefix"):
+        model(idx % 50, positions=positions, prefix=torch.zeros(2, 1, 32))
+
+
 def test_complete_batches_prompts_of_any_length(model: GPT) -> None:
     prompts = [prompt(length=n, seed=n)[0].tolist() for n in (5, 2, 8, 2, 5, 1)]
     stop = 7

@@ -1,19 +1,26 @@
 """Chapter 14: long addition with place markers, answered directly or with the column addition
 written out; the working model learns the trained lengths, the direct one lags behind."""
 
+import dataclasses
 import re
 
 import pytest
 import torch
 
 from minigpt.chat import Conversation, render_prompt
+from minigpt.model import GPT
 from minigpt.reasoning import (
     ANSWER_MARKER,
+    COLUMN_STRIDE,
+    FIRST_COLUMN,
     HINTS,
+    SLOTS,
+    CoupledGPT,
     addition_question,
     addition_working,
     byte_tokenizer,
     correct_final,
+    coupled_positions,
     digit_tests,
     direct_answer,
     exact_match_by_digits,
@@ -119,6 +126,68 @@ def test_the_models_block_holds_the_longest_sum_and_scoring_reads_the_final_answ
     assert scores == {2: 0.0}
     with pytest.raises(ValueError, match="no test sums of 3 digits"):
         exact_match_by_digits(model, tok, {3: []})
+
+
+def _texts(conv, tok):
+    ids = render_prompt(conv, tok) + tok.encode(conv.answer)
+    return [tok.decode([i]) if i not in tok.special_tokens.values() else "" for i in ids]
+
+
+def test_coupled_positions_put_each_columns_digits_at_the_same_distances_whatever_the_length():
+    tok = byte_tokenizer()
+    texts = _texts(Conversation.single(hinted_question(4721, 385), addition_working(4721, 385)), tok)
+    pos = dict(enumerate(coupled_positions(texts)))
+    assert len(pos) == len(texts) and coupled_positions(texts[:20]) == [pos[i] for i in range(20)]  # causal
+    # "What is " and the chat token before it count 0, 1, 2, ...; the units column is marked "a" here.
+    assert [pos[i] for i in range(9)] == list(range(9)) and texts[9:11] == ["d", "4"]
+
+    def at(column, slot):
+        return FIRST_COLUMN + COLUMN_STRIDE * HINTS.index(column) + slot
+
+    assert (pos[9], pos[10]) == (at("d", SLOTS["first"]), at("d", SLOTS["first"] + 1))
+    step_a = texts.index("=") - 6  # "a1+5+0=06": the first step's marker
+    assert texts[step_a] == "a" and pos[step_a] == at("a", SLOTS["step"])
+    assert pos[len(texts) - 2] == at("a", SLOTS["answer"]) and pos[len(texts) - 1] == at("a", SLOTS["answer"] + 1)
+
+    def offsets(a, b):
+        """For every digit of the working's steps, how far back its column's question digits are."""
+        t = _texts(Conversation.single(hinted_question(a, b), addition_working(a, b)), tok)
+        p = coupled_positions(t)
+        first_step = next(i for i in range(len(t)) if t[i] in HINTS and t[i - 1] == "")
+        return {p[i] - p[j] for i in range(first_step, len(t)) for j in range(first_step)
+                if t[i].isdigit() and t[j].isdigit() and (p[i] - FIRST_COLUMN) // COLUMN_STRIDE ==
+                (p[j] - FIRST_COLUMN) // COLUMN_STRIDE}
+
+    assert offsets(47, 38) == offsets(84721, 93857)  # five digits: the same distances as two
+
+
+def test_a_coupled_model_computes_its_positions_when_trained_and_when_generating(ci):
+    tok = byte_tokenizer()
+    coupled = reasoning_model(ci, tok, coupled=True).eval()
+    plain = reasoning_model(ci, tok).eval()  # the same seed: the same weights
+    assert isinstance(coupled, CoupledGPT) and not isinstance(plain, CoupledGPT)
+    sums = ((4721, 385), (7, 85))
+    prompts = [render_prompt(Conversation.single(hinted_question(a, b), ""), tok) for a, b in sums]
+    replies = [tok.encode(addition_working(a, b))[:5] for a, b in sums]
+    with torch.no_grad():
+        x = torch.tensor([prompts[0] + replies[0]])
+        assert not torch.allclose(coupled(x)[0], plain(x)[0])  # its own positions, not 0, 1, 2, ...
+        expected = torch.tensor(coupled_positions(_texts(Conversation.single(hinted_question(*sums[0]), ""), tok)
+                                                  + [tok.decode([i]) for i in replies[0]]))
+        torch.testing.assert_close(GPT.forward(coupled, x, positions=expected[None])[0], coupled(x)[0])
+        # Left padding and a KV cache, a token at a time, as answers() generates: the same logits.
+        longest = max(map(len, prompts))
+        idx = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+        mask = (torch.arange(longest)[None] >= torch.tensor([[longest - len(p)] for p in prompts])).long()
+        cache = coupled.new_kv_cache(2)
+        coupled(idx, kv_cache=cache, attention_mask=mask, last_only=True)
+        for j in range(5):
+            got = coupled(torch.tensor([[r[j]] for r in replies]), kv_cache=cache, last_only=True)[0][:, -1]
+            for row in range(2):
+                alone = coupled(torch.tensor([prompts[row] + replies[row][:j + 1]]))[0][0, -1]
+                torch.testing.assert_close(got[row], alone, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="position='rope'"):
+        CoupledGPT(dataclasses.replace(plain.config, position="learned"), tok)
 
 
 def test_the_recipe_refuses_settings_that_cannot_measure_what_the_chapter_asks():
