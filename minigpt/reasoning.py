@@ -43,9 +43,10 @@ from minigpt.tasks.evaluate import answer_budget
 from minigpt.tokenizer import BPETokenizer
 
 __all__ = ["ANSWER_MARKER", "COLUMN_STRIDE", "CoupledGPT", "FIRST_COLUMN", "HINTS", "ReasonerRun", "SLOTS",
-           "addition_question", "addition_working", "byte_tokenizer", "correct_final", "coupled_positions", "digit_tests", "direct_answer", "exact_match_by_digits", "final_answer", "grpo_on_working",
-           "hint_offset", "hinted_question", "long_addition", "reasoning_model", "sampled_accuracy_by_digits",
-           "train_reasoner", "with_hints"]
+           "addition_question", "addition_working", "byte_tokenizer", "correct_final", "coupled_positions",
+           "digit_tests", "direct_answer", "exact_match_by_digits", "final_answer", "grpo_on_working", "hint_offset",
+           "hinted_question", "long_addition", "reasoning_model", "sampled_accuracy_by_digits", "train_reasoner",
+           "with_hints"]
 
 
 # -- the task: long addition, with and without the working --------------------------------------
@@ -265,7 +266,8 @@ class CoupledGPT(GPT):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[Any, ...]:
-        tokens, real = idx, (attention_mask.bool() if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool))
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
+        tokens = idx
         if kv_cache is not None and kv_cache.length:  # the earlier tokens, for the positions of the new ones
             tokens = torch.cat([kv_cache.tokens, idx], dim=1)
             cached = kv_cache.real[:, :kv_cache.length] if kv_cache.real is not None else \
