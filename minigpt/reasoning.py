@@ -191,7 +191,7 @@ FIRST_COLUMN, COLUMN_STRIDE = 64, 32
 #: Where in its column's block each kind of token sits: the first and the second number's marker
 #: (its digit is one further), " + " after the first number's units, "?" and the chat tokens after
 #: it (in the units column), the working's step for the column, "Answer: " (in the last step's
-#: column), the answer's marker and digit, and <|end|> (in the units column).
+#: column), the answer's marker and digit, and ``<|end|>`` (in the units column).
 SLOTS = {"first": 0, "second": 2, "plus": 4, "asked": 7, "step": 10, "answer_word": 20, "answer": 28, "end": 30}
 
 
