@@ -438,12 +438,12 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     # GPT-2's weights and a model passed in (chapter 14's byte-level ones) bring their own shape and
     # tokenizer: run.json records those, not the recipe's tokenizer and model parts.
     own_shape = stage == "instruct" or isinstance(base, GPT)
-    shape = {"model": dataclasses.asdict(model.config), "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size}}
+    shape = {"model": dataclasses.asdict(model.config),
+             "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size}} if own_shape else {}
     info = run_info(recipe, "lora" if lora_kwargs else stage, parent=parent,
                     parts=(*(() if own_shape else ("tokenizer", "model")), "optim", stage, *(("lora",) if lora else ())),
                     module="minigpt.sft" if stage == "sft" else "minigpt.chatbot", train=train_overrides,
-                    extra={"task": task if generated else "custom", "lora": lora_kwargs, "peft": peft,
-                           **(shape if own_shape else {})})
+                    extra={"task": task if generated else "custom", "lora": lora_kwargs, "peft": peft, **shape})
     with run_lock(out) if ddp.is_main else nullcontext():  # the folder is this run's until it ends
         if ddp.is_main:
             begin_run(out, info, resume=resume)
