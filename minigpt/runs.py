@@ -37,7 +37,7 @@ from minigpt.checkpoint import checkpoint_config, load_checkpoint
 from minigpt.data import cache_dir
 from minigpt.errors import MinigptError
 from minigpt.lora import apply_lora
-from minigpt.model import GPT
+from minigpt.model import GPT, GPTConfig
 from minigpt.peft import apply_peft
 from minigpt.recipe import Recipe, flatten
 from minigpt.tokenizer import BPETokenizer
@@ -379,6 +379,20 @@ def find_or_make(recipe: Recipe, stage: str, *, progress: bool = False,
     return folder
 
 
+def _model_of(info: RunInfo, folder: Path, config: GPTConfig, tokenizer: BPETokenizer) -> GPT:
+    """Random weights of the class that trained: a GPT, or chapter 14's CoupledGPT, whose positions
+    come from its tokens (loaded as a plain GPT it would read every token at the wrong position)."""
+    name = info.extra.get("model_class")
+    if name is None:
+        return GPT(config)
+    if name != "minigpt.reasoning.CoupledGPT":
+        raise ValueError(f"{folder / RUN_FILE} names the model class {name}, which load_run cannot rebuild: load its "
+                         f"checkpoint into that class yourself (minigpt.checkpoint.load_checkpoint)")
+    from minigpt.reasoning import CoupledGPT  # reasoning imports sft, which imports this module
+
+    return CoupledGPT(config, tokenizer)
+
+
 def load_run(folder: str | os.PathLike, *, step: int | None = None,
              device: str | None = None) -> tuple[GPT, BPETokenizer]:
     """The model (in eval mode) and tokenizer of any run folder: its last checkpoint or the one
@@ -390,14 +404,14 @@ def load_run(folder: str | os.PathLike, *, step: int | None = None,
     if not path.exists():
         kept = f"; it keeps no checkpoint of step {step}" if step is not None else ""
         raise FileNotFoundError(f"{path} does not exist: the {info.stage} run in {folder} has not saved it{kept}")
-    model = GPT(checkpoint_config(path))
+    tokenizer = BPETokenizer.load(folder / "tokenizer.bpe")
+    model = _model_of(info, folder, checkpoint_config(path), tokenizer)
     if info.extra.get("lora"):
         lora = info.extra["lora"]
         apply_lora(model, **{**lora, "targets": tuple(lora["targets"]), "train_also": tuple(lora["train_also"])})
     if info.extra.get("peft"):
         apply_peft(model, **info.extra["peft"])
     load_checkpoint(path, model)
-    tokenizer = BPETokenizer.load(folder / "tokenizer.bpe")
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tokenizer
 
 

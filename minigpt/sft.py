@@ -436,10 +436,13 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
         return f"{q.prompt[-1].content} -> {answers(m, tok, [q])[0]!r} (expected {q.answer!r})"
 
     # GPT-2's weights and a model passed in (chapter 14's byte-level ones) bring their own shape and
-    # tokenizer: run.json records those, not the recipe's tokenizer and model parts.
+    # tokenizer: run.json records those, not the recipe's tokenizer and model parts, and the class
+    # of a model that is not a plain GPT (chapter 14's CoupledGPT), for load_run to rebuild.
     own_shape = stage == "instruct" or isinstance(base, GPT)
     shape = {"model": dataclasses.asdict(model.config),
              "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size}} if own_shape else {}
+    if type(model) is not GPT:
+        shape["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
     info = run_info(recipe, "lora" if lora_kwargs else stage, parent=parent,
                     parts=(*(() if own_shape else ("tokenizer", "model")), "optim", stage, *(("lora",) if lora else ())),
                     module="minigpt.sft" if stage == "sft" else "minigpt.chatbot", train=train_overrides,

@@ -190,6 +190,21 @@ def test_a_coupled_model_computes_its_positions_when_trained_and_when_generating
         CoupledGPT(dataclasses.replace(plain.config, position="learned"), tok)
 
 
+def test_a_coupled_run_loads_as_a_coupled_model(ci, tmp_path):
+    from minigpt.runs import load_run, read_run, write_run
+
+    run = train_reasoner(ci, True, tmp_path, coupled=True, max_steps=2)
+    model, tok = load_run(tmp_path)  # what `minigpt chat` and load_base read
+    assert isinstance(model, CoupledGPT) and read_run(tmp_path).extra["model_class"] == "minigpt.reasoning.CoupledGPT"
+    x = torch.tensor([render_prompt(Conversation.single(hinted_question(4721, 385), ""), tok)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], run.model.eval()(x)[0], rtol=0, atol=0)
+    info = read_run(tmp_path)
+    write_run(tmp_path, dataclasses.replace(info, extra={**info.extra, "model_class": "mine.MyGPT"}))
+    with pytest.raises(ValueError, match="model class mine.MyGPT, which load_run cannot rebuild"):
+        load_run(tmp_path)
+
+
 def test_the_recipe_refuses_settings_that_cannot_measure_what_the_chapter_asks():
     import minigpt
 

@@ -181,6 +181,7 @@ def test_run_json_describes_the_model_that_trained(ci, ci_run, tmp_path):
     assert not any(k.startswith(("model.", "tokenizer.")) for k in info.settings)
     assert info.extra["model"] == json.loads(json.dumps(dataclasses.asdict(config)))
     assert info.extra["tokenizer"] == {"name": "bytes", "vocab_size": tok.vocab_size}
+    assert "model_class" not in info.extra  # a plain GPT (chapter 14's CoupledGPT is named: test_reasoning)
 
 
 def test_lora_token_rows_are_the_chat_tokens_then_the_commonest_answer_tokens(tok):
