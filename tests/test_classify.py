@@ -224,7 +224,7 @@ def test_a_tiny_tagger_learns_a_word_lookup(body, tok):
 def test_fine_tuning_beats_the_majority_class_by_far(ci, task, least, outcome):
     run = classify(ci, task, "full", progress=False)
     assert run.baseline.macro.f1 <= 1 / len(run.report.labels)  # the commonest class alone: one class's F1
-    # spread over seeds and threads: sentiment 0.493 .. 0.647 (4 runs), entities 0.997 (3 runs)
+    # spread over seeds and threads: sentiment 0.493 .. 0.647, entities 0.987 .. 0.997 (6 runs each)
     outcome.check(f"classify {task}: held-out macro F1", run.report.macro.f1, ">", least)
     outcome.check(f"classify {task}: macro F1 over the majority baseline", run.report.macro.f1 - run.baseline.macro.f1,
-                  ">", least / 2)  # spread: sentiment 0.313 .. 0.463, entities 0.816
+                  ">", least / 2)  # spread: sentiment 0.313 .. 0.464, entities 0.805 .. 0.816

@@ -263,7 +263,7 @@ def reward_stage(ci, tmp_path_factory):
 @pytest.mark.outcome
 def test_ci_reward_model_learns_the_rule(reward_stage, outcome):
     assert reward_stage.summary["test_pairs"] >= 50
-    outcome.check("reward model: held-out pair accuracy", reward_stage.summary["pair_accuracy"], ">", 0.95)  # spread 1.000 .. 1.000 (5 runs)
+    outcome.check("reward model: held-out pair accuracy", reward_stage.summary["pair_accuracy"], ">", 0.95)  # spread 0.983 .. 1.000 (6 runs)
 
 
 @pytest.mark.outcome
@@ -271,10 +271,10 @@ def test_ci_ppo_raises_the_true_reward_on_a_leash(ci, reward_stage, tmp_path, ou
     from minigpt.rlhf.run import run_ppo
 
     s = run_ppo(ci, tmp_path, reward_stage.model).summary
-    outcome.check("ppo: true reward gain", s["true_reward_after"] - s["true_reward_before"], ">=", 0.25)  # spread 0.352 .. 0.410 (3 runs)
-    outcome.check("ppo: KL to the start (nats)", s["kl"], "<", 5)  # spread 0.831 .. 1.448 (3 runs)
+    outcome.check("ppo: true reward gain", s["true_reward_after"] - s["true_reward_before"], ">=", 0.25)  # spread 0.326 .. 0.519 (6 runs)
+    outcome.check("ppo: KL to the start (nats)", s["kl"], "<", 5)  # spread 0.652 .. 1.891 (6 runs)
     # The rule ignores whether the sum is right, and so does the policy that learned it.
-    outcome.check("ppo: exact match change", s["exact_match"] - s["exact_match_before"], "<", 0)  # spread -0.581 .. -0.194 (3 runs)
+    outcome.check("ppo: exact match change", s["exact_match"] - s["exact_match_before"], "<", 0)  # spread -0.587 .. -0.168 (6 runs)
 
 
 @pytest.mark.outcome
@@ -288,15 +288,15 @@ def test_ci_dpo_pitfall_and_its_fix(ci, tmp_path, outcome):
 
     first, last = plain.history[:5], plain.history[-5:]
     # The objective is met: the loss falls as the chosen answers pull ahead of the rejected...
-    outcome.check("plain dpo: loss change", mean("loss", last) - mean("loss", first), "<", 0)  # spread -0.248 .. -0.226 (5 runs)
+    outcome.check("plain dpo: loss change", mean("loss", last) - mean("loss", first), "<", 0)  # spread -0.285 .. -0.203 (6 runs)
     outcome.check("plain dpo: margin change", mean("rewards/margins", last) - mean("rewards/margins", first),
-                  ">", 0)  # spread 0.664 .. 0.803 (5 runs)
+                  ">", 0)  # spread 0.616 .. 1.293 (6 runs)
     # ...but nothing holds up the right answers themselves, and the NLL term (RPO) is what keeps them.
     rpo = run_dpo(ci, tmp_path / "rpo").summary  # the recipe's default: rpo_alpha=1
     outcome.check("exact match after, dpo+nll minus plain dpo", rpo["exact_match"] - plain.summary["exact_match"],
-                  ">", 0.2)  # spread 0.458 .. 0.819 (3 runs)
-    outcome.check("dpo+nll: exact match change", rpo["exact_match"] - rpo["exact_match_before"], ">=", 0)  # spread 0.200 .. 0.477 (5 runs)
-    outcome.check("dpo+nll: held-out pair accuracy", rpo["pair_accuracy"], ">=", 0.85)  # spread 0.954 .. 0.996 (5 runs)
+                  ">", 0.2)  # spread 0.503 .. 0.884 (6 runs)
+    outcome.check("dpo+nll: exact match change", rpo["exact_match"] - rpo["exact_match_before"], ">=", 0)  # spread 0.181 .. 0.471 (6 runs)
+    outcome.check("dpo+nll: held-out pair accuracy", rpo["pair_accuracy"], ">=", 0.85)  # spread 0.937 .. 0.980 (6 runs)
 
 
 @pytest.mark.outcome
@@ -317,8 +317,8 @@ def test_ci_grpo_raises_the_reward_it_optimises(ci, outcome):
     _, history = grpo(copy.deepcopy(reference), reference, tok, train, correct, cfg, seed=ci.seed)
     first, last = history[:5], history[-5:]
     gain = sum(h["reward"] for h in last) / 5 - sum(h["reward"] for h in first) / 5
-    outcome.check("grpo: training reward gain", gain, ">", 0.15)  # spread 0.234 .. 0.309 (3 runs)
-    outcome.check("grpo: largest k3 KL per token (nats)", max(h["kl"] for h in history), "<", 1)  # spread 0.279 .. 0.519 (3 runs)
+    outcome.check("grpo: training reward gain", gain, ">", 0.15)  # spread 0.234 .. 0.319 (6 runs)
+    outcome.check("grpo: largest k3 KL per token (nats)", max(h["kl"] for h in history), "<", 1)  # spread 0.279 .. 0.519 (6 runs)
 
 
 def test_rewards_of_the_tasks():

@@ -158,8 +158,8 @@ def test_ci_sft_learns_arithmetic(ci, ci_run, outcome):
     assert run.trainer.step == ci.sft.steps
     losses = [r["loss"] for r in run.history]
     assert len(run.test) >= 15 and not {str(c) for c in run.test} & {str(c) for c in run.train}
-    outcome.check("sft: last loss / first loss", losses[-1] / losses[0], "<", 0.6)  # spread 0.024 .. 0.029 (5 runs)
-    outcome.check("sft: held-out exact match", run.exact_match, ">=", 0.4)  # spread 0.706 .. 1.000 (5 runs)
+    outcome.check("sft: last loss / first loss", losses[-1] / losses[0], "<", 0.6)  # spread 0.020 .. 0.029 (6 runs)
+    outcome.check("sft: held-out exact match", run.exact_match, ">=", 0.4)  # spread 0.706 .. 1.000 (6 runs)
 
 
 def test_a_finished_run_reloads_with_the_same_answers(ci_run):
@@ -279,4 +279,4 @@ def test_ci_lora_sft_learns_arithmetic(ci, tmp_path, outcome):
     run = sft(ci, None, tmp_path, lora=True, progress=False)
     assert run.trainer.step == ci.lora.steps > ci.sft.steps
     assert 0 < trainable_fraction(run.model) < 0.05
-    outcome.check("lora: held-out exact match", run.exact_match, ">=", 0.5)  # spread 0.647 .. 0.824 (4 runs)
+    outcome.check("lora: held-out exact match", run.exact_match, ">=", 0.5)  # spread 0.588 .. 0.824 (6 runs)
