@@ -404,8 +404,9 @@ def load_run(folder: str | os.PathLike, *, step: int | None = None,
     if not path.exists():
         kept = f"; it keeps no checkpoint of step {step}" if step is not None else ""
         raise FileNotFoundError(f"{path} does not exist: the {info.stage} run in {folder} has not saved it{kept}")
+    config = checkpoint_config(path)  # a corrupt or impossible checkpoint is refused first, by its name
     tokenizer = BPETokenizer.load(folder / "tokenizer.bpe")
-    model = _model_of(info, folder, checkpoint_config(path), tokenizer)
+    model = _model_of(info, folder, config, tokenizer)
     if info.extra.get("lora"):
         lora = info.extra["lora"]
         apply_lora(model, **{**lora, "targets": tuple(lora["targets"]), "train_also": tuple(lora["train_also"])})
