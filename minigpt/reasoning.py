@@ -323,7 +323,6 @@ class ReasonerRun:
     working: bool
     run: SFTRun
     by_digits: dict[int, float]
-    coupled: bool = False  # positions coupled by column (a CoupledGPT)
 
     @property
     def model(self) -> GPT:
@@ -350,7 +349,7 @@ def train_reasoner(recipe: Recipe, working: bool, out_dir: str | os.PathLike, *,
     run = sft(recipe, reasoning_model(recipe, tok, coupled=coupled), Path(out_dir), tokenizer=tok, train=train,
               test=tests[r.digits][:50], resume=False, progress=progress, batch_size=r.batch_size,
               **{**settings, **overrides})
-    return ReasonerRun(working, run, exact_match_by_digits(run.model, tok, tests), coupled)
+    return ReasonerRun(working, run, exact_match_by_digits(run.model, tok, tests))
 
 
 def sampled_accuracy_by_digits(model: GPT, tokenizer: BPETokenizer, tests: Mapping[int, Sequence[Conversation]], *,
