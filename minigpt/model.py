@@ -22,6 +22,7 @@ module is its only reader and writer, so its tensor layout is an attention detai
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -181,9 +182,9 @@ class KVCache:
         #: (batch, max_len) True where a cached position holds a real token, not left padding;
         #: None while every position is real (no ``attention_mask`` was given).
         self.real: torch.Tensor | None = None
-        #: (batch, length) the token ids fed so far, for a model whose positions are computed from
-        #: the tokens (:class:`minigpt.reasoning.CoupledGPT`); None for every other model.
-        self.tokens: torch.Tensor | None = None
+        #: One object per row that a model whose positions are computed from its tokens carries from
+        #: call to call (:class:`minigpt.reasoning.CoupledGPT`); None for every other model.
+        self.row_state: list[Any] | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values (B, H, T, D) after the cached ones; return all of them.
@@ -198,6 +199,7 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
         self.real = None
+        self.row_state = None
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep row ``rows[i]`` of the batch as row i (beam search: each beam continues one of the
@@ -205,8 +207,8 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
         if self.real is not None:
             self.real = self.real[rows]
-        if self.tokens is not None:
-            self.tokens = self.tokens[rows]
+        if self.row_state is not None:  # copies: a beam kept twice goes on as two rows
+            self.row_state = [copy.copy(self.row_state[i]) for i in rows.tolist()]
 
 
 @dataclass(frozen=True)

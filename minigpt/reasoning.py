@@ -42,7 +42,7 @@ from minigpt.tasks.data import sample_split
 from minigpt.tasks.evaluate import answer_budget
 from minigpt.tokenizer import BPETokenizer
 
-__all__ = ["ANSWER_MARKER", "COLUMN_STRIDE", "CoupledGPT", "FIRST_COLUMN", "HINTS", "ReasonerRun", "SLOTS",
+__all__ = ["ANSWER_MARKER", "COLUMN_STRIDE", "CoupledGPT", "Coupling", "FIRST_COLUMN", "HINTS", "ReasonerRun", "SLOTS",
            "addition_question", "addition_working", "byte_tokenizer", "correct_final", "coupled_positions",
            "digit_tests", "direct_answer", "exact_match_by_digits", "final_answer", "grpo_on_working", "hint_offset",
            "hinted_question", "long_addition", "reasoning_model", "sampled_accuracy_by_digits", "train_reasoner",
@@ -195,6 +195,62 @@ FIRST_COLUMN, COLUMN_STRIDE = 64, 32
 SLOTS = {"first": 0, "second": 2, "plus": 4, "asked": 7, "step": 10, "answer_word": 20, "answer": 28, "end": 30}
 
 
+class Coupling:
+    """The column a long-addition conversation has reached, fed one token's text at a time
+    (:meth:`position`): the state behind :func:`coupled_positions`, kept between calls so that a
+    model generating with a KV cache computes each new token's position from the tokens before it
+    in constant time, instead of reading the whole conversation again at every token."""
+
+    def __init__(self) -> None:
+        self.count = 0  # tokens fed so far
+        self.state, self.seen, self.column, self.slot, self.second = "prompt", "", 0, 0, False
+        self.answer_word = len(ANSWER_MARKER) + 1  # "Answer: "
+
+    def _at(self, slot: int) -> int:
+        self.slot = slot
+        return FIRST_COLUMN + COLUMN_STRIDE * self.column + slot
+
+    def position(self, text: str) -> int:
+        """The position of the next token, whose text is ``text`` (``""`` for a chat token)."""
+        self.count += 1
+        marker = len(text) == 1 and text in HINTS
+        state = self.state
+        if state == "prompt":
+            self.seen = (self.seen + text)[-8:]
+            if self.seen.endswith("What is "):
+                self.state = "question"
+            return self.count - 1
+        if state == "question" and (marker or text.isdigit()):
+            if marker:
+                self.column = HINTS.index(text)
+            return FIRST_COLUMN + COLUMN_STRIDE * self.column + SLOTS["second" if self.second else "first"] + \
+                (0 if marker else 1)
+        if state == "question" and text in (" ", "+"):
+            slot = SLOTS["plus"] if not self.second else min(self.slot + 1, SLOTS["asked"] - 1)
+            self.second = True
+            return self._at(slot)
+        if state in ("question", "asked") and not marker:
+            self.state = "asked"
+            return self._at(SLOTS["asked"] if state == "question" else min(self.slot + 1, SLOTS["step"] - 1))
+        if state in ("asked", "step") and marker:  # a step of the working begins
+            self.state, self.column = "step", HINTS.index(text)
+            return self._at(SLOTS["step"])
+        if state == "step" and text == ANSWER_MARKER[0]:
+            self.state, self.answer_word = "answer_word", self.answer_word - 1
+            return self._at(SLOTS["answer_word"])
+        if state == "step":
+            return self._at(min(self.slot + 1, SLOTS["answer_word"] - 1))
+        if state == "answer_word" and self.answer_word > 0:
+            self.answer_word -= 1
+            return self._at(self.slot + 1)
+        # the answer: markers and digits by column, then <|end|> and anything after
+        self.state = "answer"
+        if marker:
+            self.column = HINTS.index(text)
+        return FIRST_COLUMN + COLUMN_STRIDE * self.column + \
+            (SLOTS["answer"] if marker else SLOTS["answer"] + 1 if text.isdigit() else SLOTS["end"])
+
+
 def coupled_positions(texts: Sequence[str]) -> list[int]:
     """The position of each token of a rendered long-addition conversation (``texts``: each
     token's text, ``""`` for a chat token), *coupled* by column (Cho et al. 2024): the digits of
@@ -202,60 +258,19 @@ def coupled_positions(texts: Sequence[str]) -> list[int]:
     block of positions, always the same distance apart. Every lookup the working needs (this
     column's digits, whether a next column exists, the step an answer digit comes from) is then
     at a fixed distance, however long the numbers. Each position depends on its token and the
-    tokens before it only, so a model can compute them as it generates. Any text gets positions
-    (a wrong reply too); only the layout of :func:`hinted_question` and :func:`addition_working`
-    gets coupled ones."""
-    out: list[int] = []
-    state, seen, column, slot, second = "prompt", "", 0, 0, False
-    answer_word = len(ANSWER_MARKER) + 1  # "Answer: "
-
-    def at(s: int) -> int:
-        return FIRST_COLUMN + COLUMN_STRIDE * column + s
-
-    for text in texts:
-        marker = len(text) == 1 and text in HINTS
-        if state == "prompt":
-            out.append(len(out))
-            seen = (seen + text)[-8:]
-            if seen.endswith("What is "):
-                state = "question"
-        elif state == "question" and (marker or text.isdigit()):
-            if marker:
-                column = HINTS.index(text)
-            out.append(at(SLOTS["second" if second else "first"] + (0 if marker else 1)))
-        elif state == "question" and text in (" ", "+"):
-            slot = SLOTS["plus"] if not second else min(slot + 1, SLOTS["asked"] - 1)
-            second = True
-            out.append(at(slot))
-        elif state in ("question", "asked") and not marker:
-            slot = SLOTS["asked"] if state == "question" else min(slot + 1, SLOTS["step"] - 1)
-            state = "asked"
-            out.append(at(slot))
-        elif state in ("asked", "step") and marker:  # a step of the working begins
-            state, column, slot = "step", HINTS.index(text), SLOTS["step"]
-            out.append(at(slot))
-        elif state == "step" and text == ANSWER_MARKER[0]:
-            state, slot, answer_word = "answer_word", SLOTS["answer_word"], answer_word - 1
-            out.append(at(slot))
-        elif state == "step":
-            slot = min(slot + 1, SLOTS["answer_word"] - 1)
-            out.append(at(slot))
-        elif state == "answer_word" and answer_word > 0:
-            slot, answer_word = slot + 1, answer_word - 1
-            out.append(at(slot))
-        else:  # the answer: markers and digits by column, then <|end|> and anything after
-            state = "answer"
-            if marker:
-                column = HINTS.index(text)
-            out.append(at(SLOTS["answer"] if marker else SLOTS["answer"] + 1 if text.isdigit() else SLOTS["end"]))
-    return out
+    tokens before it only (:class:`Coupling` is the state carried along), so a model can compute
+    them as it generates. Any text gets positions (a wrong reply too); only the layout of
+    :func:`hinted_question` and :func:`addition_working` gets coupled ones."""
+    coupling = Coupling()
+    return [coupling.position(text) for text in texts]
 
 
 class CoupledGPT(GPT):
     """A GPT that computes its positions from its tokens (:func:`coupled_positions`) at every
     call, in training and in generation alike: nothing that calls it (SFT, generation with a KV
-    cache and left padding, GRPO) needs to know. Rotary positions only (a learned table would need
-    a row per coupled position)."""
+    cache and left padding, beam search, GRPO) needs to know. With a KV cache each row's
+    :class:`Coupling` is kept in the cache (``KVCache.row_state``), so a generated token costs one
+    step of it. Rotary positions only (a learned table would need a row per coupled position)."""
 
     def __init__(self, config: GPTConfig, tokenizer: BPETokenizer) -> None:
         if config.position != "rope":
@@ -266,21 +281,22 @@ class CoupledGPT(GPT):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[Any, ...]:
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
-        tokens = idx
-        if kv_cache is not None and kv_cache.length:  # the earlier tokens, for the positions of the new ones
-            tokens = torch.cat([kv_cache.tokens, idx], dim=1)
-            cached = kv_cache.real[:, :kv_cache.length] if kv_cache.real is not None else \
-                torch.ones_like(kv_cache.tokens, dtype=torch.bool)
-            real = torch.cat([cached, real], dim=1)
+        if kv_cache is not None and kv_cache.length:  # the cache carries on where its last call ended
+            if kv_cache.row_state is None:
+                raise ValueError("this KV cache holds tokens a CoupledGPT did not compute positions for: "
+                                 "start from an empty cache (model.new_kv_cache)")
+            couplings = kv_cache.row_state
+        else:
+            couplings = [Coupling() for _ in range(idx.size(0))]
+        real = attention_mask.bool().tolist() if attention_mask is not None else [[True] * idx.size(1)] * idx.size(0)
+        # Left padding gets position 0 and never reaches the coupling: no real token attends to it.
+        positions = torch.tensor([[coupling.position(self.texts[i]) if keep else 0 for i, keep in zip(ids, keeps)]
+                                  for coupling, ids, keeps in zip(couplings, idx.tolist(), real)],
+                                 dtype=torch.long, device=idx.device)
         if kv_cache is not None:
-            kv_cache.tokens = tokens
-        positions = torch.zeros_like(tokens)
-        for row, (ids, keep) in enumerate(zip(tokens.tolist(), real.tolist())):
-            kept = [i for i, k in zip(ids, keep) if k]  # left padding gets position 0, never attended to
-            positions[row, len(ids) - len(kept):] = torch.tensor(coupled_positions([self.texts[i] for i in kept]))
-        return super().forward(idx, targets, kv_cache=kv_cache, attention_mask=attention_mask,
-                               positions=positions[:, -idx.size(1):], **kwargs)
+            kv_cache.row_state = couplings
+        return super().forward(idx, targets, kv_cache=kv_cache, attention_mask=attention_mask, positions=positions,
+                               **kwargs)
 
 
 def reasoning_model(recipe: Recipe, tokenizer: BPETokenizer, *, seed: int | None = None,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from minigpt.chat import Conversation, render_prompt
+from minigpt.generate import beam_search
 from minigpt.model import GPT
 from minigpt.reasoning import (
     ANSWER_MARKER,
@@ -186,6 +187,16 @@ def test_a_coupled_model_computes_its_positions_when_trained_and_when_generating
             for row in range(2):
                 alone = coupled(torch.tensor([prompts[row] + replies[row][:j + 1]]))[0][0, -1]
                 torch.testing.assert_close(got[row], alone, rtol=1e-4, atol=1e-4)
+        # Beam search reorders the cache, a beam kept twice included: each row's coupling must go
+        # on as its own copy, so the cached search scores exactly what reading each beam anew does.
+        prompt = torch.tensor([prompts[0] + replies[0][:2]])
+        cached = beam_search(coupled, prompt, 12, num_beams=3)
+        fresh = beam_search(coupled, prompt, 12, num_beams=3, use_cache=False)
+        assert torch.equal(cached[0], fresh[0]) and cached[1] == pytest.approx(fresh[1], abs=1e-4)
+        cache = coupled.new_kv_cache(1)
+        GPT.forward(coupled, prompt, kv_cache=cache)  # filled with positions 0, 1, 2, ...
+        with pytest.raises(ValueError, match="start from an empty cache"):
+            coupled(prompt[:, -1:], kv_cache=cache)
     with pytest.raises(ValueError, match="position='rope'"):
         CoupledGPT(dataclasses.replace(plain.config, position="learned"), tok)
 
