@@ -195,8 +195,10 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
     """The :class:`RunInfo` of a run folder, or an error that says what the folder is missing."""
     path = Path(folder) / RUN_FILE
     if not path.exists():
+        inside = sorted(str(p.parent) for p in Path(folder).glob(f"*/{RUN_FILE}"))  # e.g. runs/rlhf -> runs/rlhf/grpo
+        hint = f"; the runs in it: {', '.join(inside)}" if inside else ""
         raise FileNotFoundError(f"{path} does not exist: {folder} is not a run folder (made by `minigpt pretrain`, "
-                                "`minigpt sft` or `minigpt rlhf`)")
+                                f"`minigpt sft` or `minigpt rlhf`){hint}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:

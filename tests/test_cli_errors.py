@@ -225,6 +225,10 @@ def test_chat_needs_a_run_folder(tmp_path, capsys):
     assert "is not a run folder" in error_line(capsys)
     assert main(["chat", str(tmp_path)]) == 2
     assert f"{tmp_path} is not a run folder" in error_line(capsys)
+    (tmp_path / "grpo").mkdir()  # a folder of runs, as `minigpt rlhf` makes: the message names them
+    (tmp_path / "grpo" / "run.json").write_text("{}")
+    assert main(["chat", str(tmp_path)]) == 2
+    assert f"the runs in it: {tmp_path / 'grpo'}" in error_line(capsys)
 
 
 def test_ctrl_c_at_the_chat_prompt(chat_run, monkeypatch, capsys):
