@@ -115,6 +115,8 @@ def reply_loss(model: GPT, tokenizer: BPETokenizer, conversations: list[Conversa
             keep = torch.tensor([m and t != end for m, t in zip(mask[1:], ids[1:])], device=device)
             total -= float(logp[torch.arange(len(targets), device=device), targets][keep].sum())
             count += int(keep.sum())
+    if not count:
+        raise ValueError("reply_loss has no reply token to score: every assistant reply is empty")
     return total / count
 
 

@@ -214,7 +214,8 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: f
             # Checked once, on the prompt: checking every step cost ~3% of a small model's decoding.
             if t == T and bool(logits.isnan().any()):
                 raise NaNLogitsError(_NAN_LOGITS)
-            logits = logits[:, -1, :]
+            # float32 for the filters: top-p's cumulative sum in bf16 moves in steps of about 0.002
+            logits = logits[:, -1, :].float()
             if repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, seq, repetition_penalty,
                                                   real[:, :t] if real is not None else None)
@@ -328,7 +329,7 @@ def beam_search(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, num_beams
             if not improvable:
                 break
         score, best = finished[0]
-    return best[None, :], score
+    return best[None, :].clone(), score  # cloned outside inference mode: a tensor a caller may train on
 
 
 class Tokenizer(Protocol):
@@ -340,8 +341,8 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
     """Encode ``prompt``, generate, and decode the continuation only (up to, not including, the
     first stop token). ``kwargs`` go to :func:`generate`."""
     idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
-    new = generate(model, idx, max_new_tokens, **kwargs)[0, idx.size(1):].tolist()
-    stops = set(kwargs.get("stop_tokens") or ())
+    stops = set(kwargs.pop("stop_tokens", None) or ())  # read once: it may be a one-shot iterator
+    new = generate(model, idx, max_new_tokens, stop_tokens=stops, **kwargs)[0, idx.size(1):].tolist()
     cut = next((i for i, t in enumerate(new) if t in stops), len(new))
     return tokenizer.decode(new[:cut])
 

@@ -205,40 +205,58 @@ def apply_lora(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, r: in
     the embedding rows of the ids in ``token_rows`` (a GPT's tied embedding and head, see
     :class:`TokenRows`) and every parameter of the modules named by ``train_also``.
 
-    Names are dotted suffixes ("c_proj" is both attn.c_proj and mlp.c_proj). The output head is
-    left alone unless named in ``targets``. No ``targets`` with some ``token_rows`` trains those rows
-    alone (prompt tuning's soft tokens, :func:`minigpt.peft.soft_prompt`).
+    Names are dotted suffixes ("c_proj" is both attn.c_proj and mlp.c_proj). An output head tied to
+    the token embedding (a GPT's ``lm_head``) cannot be a target: merging its update would change the
+    embedding too; ``token_rows`` adapts both together. No ``targets`` with some ``token_rows`` trains
+    those rows alone (prompt tuning's soft tokens, :func:`minigpt.peft.soft_prompt`).
     """
     if isinstance(targets, str):
         targets = (targets,)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has LoRA adapters; merge or load into a fresh model instead")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # Every check before the first change, so that a refused call leaves the model as it was.
     chosen = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(name, targets)]
     if not chosen and (targets or not len(token_rows)):
         linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"no nn.Linear matches targets {list(targets)}; this model's linear layers "
                          f"are named {linears}")
+    wte = getattr(getattr(model, "transformer", None), "wte", None)
+    tied = [name for name, linear in chosen if linear.weight is getattr(wte, "weight", None)]
+    if tied:
+        raise ValueError(f"LoRA cannot adapt {tied[0]}: its weight is the token embedding (tied), so a merged "
+                         "update would change what the model reads as well as what it predicts; use token_rows "
+                         "for the rows that should train")
+    if len(token_rows):
+        head = getattr(model, "lm_head", None)
+        if not isinstance(wte, nn.Embedding) or head is None or head.weight is not wte.weight:
+            raise ValueError("token_rows needs a GPT whose token embedding (transformer.wte) is tied to "
+                             "its output head (lm_head)")
+    also = _parameters_of(model, train_also)
+    rows = TokenRows(wte, token_rows) if len(token_rows) else None  # checks the ids
+
+    for p in model.parameters():
+        p.requires_grad_(False)
     for name, linear in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(linear, r=r, alpha=alpha, dropout=dropout))
-    if len(token_rows):
-        wte, head = getattr(model, "transformer", None), getattr(model, "lm_head", None)
-        wte = getattr(wte, "wte", None)
-        if not isinstance(wte, nn.Embedding) or head is None or head.weight is not wte.weight:
-            raise ValueError("token_rows needs a GPT whose token embedding (transformer.wte) is tied to "
-                             "its output head (lm_head)")
-        rows = TokenRows(wte, token_rows)
+    if rows is not None:
         model.transformer.wte, model.lm_head = rows, TiedHead(rows)
-    train_modules(model, train_also)
+    for p in also:
+        p.requires_grad_(True)
     return model
 
 
 def train_modules(model: nn.Module, names: Sequence[str]) -> None:
     """Let every parameter of the modules named by ``names`` (dotted suffixes, as ``"ln_1"``) train
     again in a frozen model: small modules beside the adapters, such as the LayerNorms."""
+    for p in _parameters_of(model, names):
+        p.requires_grad_(True)
+
+
+def _parameters_of(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
+    """The parameters of the modules named by ``names``, refusing a name that matches nothing or a
+    module that holds the tied token embedding (it would train the whole table and the head)."""
     if isinstance(names, str):
         names = (names,)
     also = [(name, m) for name, m in model.named_modules() if name and _matches(name, names)]
@@ -250,8 +268,7 @@ def train_modules(model: nn.Module, names: Sequence[str]) -> None:
         if module is wte or any(p is table for p in module.parameters()):
             raise ValueError(f"train_also cannot name {name}: it holds the token embedding, which is tied "
                              "to the output head; use token_rows for the rows that should train")
-        for p in module.parameters():
-            p.requires_grad_(True)
+    return [p for _, module in also for p in module.parameters()]
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

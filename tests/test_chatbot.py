@@ -38,6 +38,9 @@ def test_reply_loss_is_the_mean_over_reply_tokens_and_refuses_what_does_not_fit(
     assert reply_loss(model, tok, [conv]) == pytest.approx(float(sum(by_hand) / len(by_hand)), rel=1e-5)
     with pytest.raises(ValueError, match="more than the model's block_size"):
         reply_loss(model, tok, [Conversation.single("Alice lives in Oslo. " * 20, "yes")])
+    for plain in (False, True):  # only the end of turn after an empty reply, and it is not scored
+        with pytest.raises(ValueError, match="no reply token to score"):
+            reply_loss(model, tok, [Conversation.single("Hello", "")], plain=plain)
 
 
 def test_end_rate_counts_replies_that_end_their_turn(tok, monkeypatch):

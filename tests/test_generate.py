@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import minigpt.generate
 from minigpt.generate import (
     apply_repetition_penalty,
     apply_temperature,
@@ -207,6 +208,8 @@ def test_generate_text(model: GPT) -> None:
     stop = ids[3]
     short = generate_text(model, Digits(), "HELLO", 10, temperature=0, stop_tokens=[stop])
     assert short == Digits().decode(ids[: ids.index(stop)])
+    once = generate_text(model, Digits(), "HELLO", 10, temperature=0, stop_tokens=iter([stop]))  # a one-shot iterable
+    assert once == short
 
 
 # -- beam search ---------------------------------------------------------------------------------
@@ -264,6 +267,29 @@ def test_beam_search_finds_likelier_sequences_than_greedy() -> None:
         gains.append(beam_search(model, idx, 10, num_beams=4, length_penalty=0.0)[1]
                      - beam_search(model, idx, 10, num_beams=1, length_penalty=0.0)[1])
     assert sum(g > 1e-5 for g in gains) >= 4 and sum(gains) > 0, gains
+
+
+def test_beam_search_returns_a_tensor_a_caller_may_train_on(model: GPT) -> None:
+    """Searched under inference mode, returned as an ordinary tensor (as generate's are)."""
+    seq, _ = beam_search(model, prompt(), 4, num_beams=2)
+    assert not seq.is_inference()
+    model.train()
+    try:
+        model(seq[:, :-1], seq[:, 1:])[1].backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_the_filters_see_float32_logits_from_a_bf16_model(monkeypatch) -> None:
+    """Top-p's cumulative sum in bf16 moves in steps of about 0.002 near 0.9 and cuts too early."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)).to(torch.bfloat16).eval()
+    seen = []
+    real = minigpt.generate.sample_next
+    monkeypatch.setattr(minigpt.generate, "sample_next", lambda logits, **kw: seen.append(logits.dtype) or real(logits, **kw))
+    generate(m, prompt(), 3, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert seen == [torch.float32] * 3
 
 
 def test_beam_search_refuses_what_it_cannot_do(model: GPT) -> None:

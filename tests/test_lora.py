@@ -277,6 +277,18 @@ def test_token_rows_and_train_also_refuse_what_they_cannot_do():
     untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
     with pytest.raises(ValueError, match="tied to its output head"):
         apply_lora(untied, token_rows=ROWS)
+    assert not list(lora_layers(untied)) and all(p.requires_grad for p in untied.parameters())  # left as it was
+    # The tied head as a target: its merged update would change the embedding too.
+    for rows in ((), ROWS):
+        with pytest.raises(ValueError, match="LoRA cannot adapt lm_head: its weight is the token embedding"):
+            apply_lora(_model(), targets=("c_attn", "lm_head"), token_rows=rows)
+    untied = apply_lora(untied, targets=("lm_head",), r=2)  # an untied head is an ordinary linear layer
+    with torch.no_grad():
+        untied.lm_head.lora_B.normal_()
+        x = torch.randint(64, (1, 8))
+        adapted = untied(x)[0]
+        merge(untied)
+        torch.testing.assert_close(untied(x)[0], adapted, rtol=1e-5, atol=1e-5)
 
 
 def test_adapters_are_not_decayed_but_token_rows_and_plain_weights_are():

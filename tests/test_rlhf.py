@@ -103,6 +103,20 @@ def test_padding_changes_no_logprob_score_or_loss(model, tok):
     torch.testing.assert_close(rm.score(two)[:1], rm.score(one), rtol=1e-5, atol=1e-5)
 
 
+def test_rl_configs_refuse_a_temperature_they_cannot_take_log_probs_at():
+    for make in (PPOConfig, GRPOConfig):  # greedy sampling, then logits / 0: NaN losses
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            make(temperature=0.0)
+
+
+def test_a_reward_model_on_a_body_with_rmsnorm(tok):
+    """RMSNorm (chapter 9) has no bias at all, where LayerNorm's may be None."""
+    body = GPT(GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, norm="rmsnorm"))
+    rm = RewardModel(body).eval()
+    assert rm.body.transformer.ln_f.weight.requires_grad and not rm.head.bias.requires_grad
+    assert rm.score(pack([[1, 2, 3]], [[4, 5]])).shape == (1,)
+
+
 def test_gae_equals_a_hand_computation():
     rewards = torch.tensor([[0.0, 0.5, -0.1, 1.0, 0.0]])
     values = torch.tensor([[9.0, 0.2, 0.4, 0.3, 9.0]])  # 9.0 sits outside the response: ignored

@@ -61,6 +61,8 @@ class GRPOConfig:
             raise ValueError("num_generations must be >= 2: advantages compare answers within a group")
         if self.advantage not in ("grpo", "rloo"):
             raise ValueError(f"advantage={self.advantage!r} must be 'grpo' or 'rloo'")
+        if self.temperature <= 0:
+            raise ValueError("GRPO samples its groups: temperature must be > 0 (the log-probs are taken at it)")
 
 
 def group_advantages(rewards: torch.Tensor, kind: str = "grpo") -> torch.Tensor:

@@ -85,8 +85,9 @@ class RewardModel(nn.Module):
         # sees only differences of scores: they would get no gradient, so they are frozen (the
         # normalisation sets the offset). PPO's critic, which must learn an offset, trains them.
         self.head.bias.requires_grad_(False)
-        if self.body.transformer.ln_f.bias is not None:
-            self.body.transformer.ln_f.bias.requires_grad_(False)
+        ln_f_bias = getattr(self.body.transformer.ln_f, "bias", None)  # RMSNorm has none at all
+        if ln_f_bias is not None:
+            ln_f_bias.requires_grad_(False)
         # Normalisation (see module docstring): score = (raw - shift) / scale.
         self.register_buffer("shift", torch.zeros(()))
         self.register_buffer("scale", torch.ones(()))
