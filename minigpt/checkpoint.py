@@ -134,7 +134,10 @@ def _open(path: Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor],
                          "(for transformers' GPT-2 weights use GPT.from_hf_state_dict)")
     if int(header["version"]) > VERSION:
         raise ValueError(f"{path} has checkpoint version {header['version']}; upgrade minigpt to read it")
-    return loaded, json.loads(header["minigpt"])
+    try:
+        return loaded, json.loads(header["minigpt"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} has a damaged header ({err!r}): train it again, or use another file") from None
 
 
 def checkpoint_config(path: str | os.PathLike) -> GPTConfig:
@@ -142,7 +145,12 @@ def checkpoint_config(path: str | os.PathLike) -> GPTConfig:
     checked against the tensors the file holds: a damaged or crafted header cannot make a caller
     allocate a model larger than the file (safetensors itself checks each tensor's size against it)."""
     path = Path(path)
-    config = GPTConfig(**_open(path, tensors=False)[1]["config"])
+    meta = _open(path, tensors=False)[1]
+    try:
+        config = GPTConfig(**meta["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} has a damaged model config in its header ({err!r}): train it again, or use "
+                              "another file") from None
     with torch.device("meta"):  # shapes without memory
         claimed = GPT(config).num_params(non_embedding=False)
     with safe_open(str(path), framework="pt") as f:

@@ -206,7 +206,10 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
     if data.pop("format", None) != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT!r} file; train the run again with this version of minigpt")
     data.pop("key", None)
-    return RunInfo(**data)
+    try:
+        return RunInfo(**data)
+    except TypeError as err:
+        raise ValueError(f"{path} is damaged ({err}); delete the folder and train it again") from None
 
 
 #: What a run writes into its folder: the files that starting over removes (nothing else is touched;

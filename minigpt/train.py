@@ -502,6 +502,11 @@ class Trainer:
                     where = f"; {self.checkpoint_path} holds it" if self.out_dir is not None else " (no out_dir to save in)"
                     raise Stopped(f"SIGTERM stopped the run after step {self.step}{where}: run the same command "
                                   "again to resume")
+            if self._sigterm:  # it came during the last step's evaluation or checkpoint: the step is done
+                bar.close()
+                where = f" ({self.checkpoint_path} holds it)" if self.out_dir is not None else ""
+                raise Stopped(f"SIGTERM arrived as the run reached step {self.step}{where}: run the same command "
+                              "again to go on with what comes after it")
         bar.close()
         return self.history
 
@@ -576,7 +581,8 @@ class Trainer:
         if self.ddp.is_main:
             save_checkpoint(path or self.checkpoint_path, self.raw_model, self.optimizer, full_state=full,
                             step=self.step, train_config=dataclasses.asdict(self.cfg),
-                            train_data=self.train_data.state_dict(), grad_scaler=self.scaler.state_dict())
+                            train_data=self.train_data.state_dict(), grad_scaler=self.scaler.state_dict(),
+                            clock=dict(self.clock))
         if self.ddp.world_size > 1:
             dist.barrier()
         self._last_save = (time.perf_counter(), time.perf_counter() - start)
@@ -584,7 +590,10 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from ``out_dir``'s checkpoint if there is one; True if it resumed."""
         path = self.checkpoint_path
-        if not path.exists():
+        metrics = self.out_dir / "metrics.jsonl"
+        if not path.exists():  # killed before its first checkpoint: it starts over, and so do its metrics
+            if self.ddp.is_main:
+                metrics.unlink(missing_ok=True)
             return False
         if self.sharded:
             from minigpt.fsdp import load_full_state
@@ -599,11 +608,13 @@ class Trainer:
         self.train_data.load_state_dict(state["train_data"])
         if state.get("grad_scaler"):  # empty when the scaler is off
             self.scaler.load_state_dict(state["grad_scaler"])
-        metrics = self.out_dir / "metrics.jsonl"  # drop lines a killed run wrote after the checkpoint
-        if metrics.exists():
+        if "clock" in state:  # the step of a checkpoint need not be a step that was logged (stop_at)
+            self.clock.update(state["clock"])
+        if metrics.exists():  # drop lines a killed run wrote after the checkpoint
             self.history = [r for r in read_metrics(metrics) if r["step"] <= self.step]
             last = self.history[-1] if self.history else {}
-            self.clock.update({k: last[k] for k in self.clock if k in last})
+            if "clock" not in state:  # a checkpoint written before the clock was saved in it
+                self.clock.update({k: last[k] for k in self.clock if k in last})
             if self.ddp.is_main:
                 tmp = metrics.with_name(f"{metrics.name}.{os.getpid()}.tmp")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))

@@ -105,3 +105,6 @@ def test_what_is_not_a_run_is_refused_with_its_name(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"stage": "sft"}))
     with pytest.raises(ValueError, match="is not a 'minigpt-run 1' file"):
         read_run(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"format": "minigpt-run 1", "stgae": "sft"}))  # a key damaged
+    with pytest.raises(ValueError, match=f"{tmp_path / 'run.json'} is damaged .*stgae"):
+        read_run(tmp_path)

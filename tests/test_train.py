@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -9,7 +10,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from minigpt.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
+from minigpt.checkpoint import (
+    CheckpointError,
+    checkpoint_config,
+    checkpoint_state,
+    load_checkpoint,
+    save_checkpoint,
+)
 from minigpt.model import GPT, GPTConfig
 from minigpt.shards import ShardLoader, write_shard
 from minigpt.train import (
@@ -20,6 +27,7 @@ from minigpt.train import (
     kept_checkpoint_path,
     lr_at,
     peak_flops,
+    read_metrics,
 )
 
 CONFIG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -186,6 +194,25 @@ def test_a_run_stopped_early_continues_bitwise_and_keeps_the_snapshot_asked_for(
     assert load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")[1]["step"] == 12
 
 
+def test_the_clock_and_the_metrics_survive_a_stop_and_a_kill(tmp_path):
+    """The clock goes on from the checkpoint's step, logged or not; a run killed before its first
+    checkpoint starts over with no metrics of the lost steps left behind."""
+    shard = _shard(tmp_path)
+    cfg = TrainConfig(max_steps=12, warmup_steps=2, log_interval=10, eval_interval=0, checkpoint_interval=0)
+    straight = Trainer(_model(), cfg, ShardLoader([shard], 4, 16)).fit(progress=False)
+    first = Trainer(_model(), cfg, ShardLoader([shard], 4, 16), out_dir=tmp_path / "a")
+    first.fit(progress=False, stop_at=5)  # step 5 is not a logged step
+    later = Trainer(_model(), cfg, ShardLoader([shard], 4, 16), out_dir=tmp_path / "a")
+    assert later.resume() and later.fit(progress=False)[-1]["tokens"] == straight[-1]["tokens"] == 12 * 4 * 16
+    killed = Trainer(_model(), cfg, ShardLoader([shard], 4, 16), out_dir=tmp_path / "b")
+    killed.fit(progress=False)
+    killed.checkpoint_path.unlink()  # as if killed before its checkpoint was written
+    again = Trainer(_model(), cfg, ShardLoader([shard], 4, 16), out_dir=tmp_path / "b")
+    assert not again.resume()
+    again.fit(progress=False)
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [10, 12]
+
+
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     model = _model(1)
     trainer = Trainer(model, TrainConfig(max_steps=2, warmup_steps=0), ShardLoader([_shard(tmp_path)], 2, 16))
@@ -206,6 +233,11 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         load_checkpoint(tmp_path / "foreign.safetensors")
     with pytest.raises(FileNotFoundError, match="nope"):
         load_checkpoint(tmp_path / "nope.safetensors")
+    damaged = tmp_path / "damaged.safetensors"  # a key of the model's config renamed in the header
+    damaged.write_bytes(path.read_bytes().replace(b"n_layer", b"n_lbyer", 1))
+    for load in (checkpoint_config, load_checkpoint):
+        with pytest.raises(CheckpointError, match="damaged.safetensors has a damaged model config.*n_lbyer"):
+            load(damaged)
 
 
 def _free_port():
@@ -334,6 +366,16 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_on_the_curve
     assert [r["loss"] for r in resumed.fit(progress=False)] == [r["loss"] for r in straight]
     stopped.train_data.served = 99  # no second signal: the stop asked of the first fit is spent
     assert [r["loss"] for r in stopped.fit(progress=False)] == [r["loss"] for r in straight]  # in the same process
+
+    def evals(model):  # SIGTERM during the last step's evaluation: the run ends, and so must the process
+        if late.step == cfg.max_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+    late = Trainer(_model(0), dataclasses.replace(cfg, eval_interval=3), ShardLoader([_shard(tmp_path)], 2, 16),
+                   ShardLoader([_shard(tmp_path)], 2, 16), out_dir=tmp_path / "late", evals=evals)
+    with pytest.raises(Stopped, match="arrived as the run reached step 6 .*holds it.*same command again"):
+        late.fit(progress=False)
+    assert checkpoint_state(late.checkpoint_path)["step"] == 6
 
 
 def test_the_clock_counts_evaluation_and_checkpoints_and_the_budget_skips_costly_saves(tmp_path, monkeypatch):
