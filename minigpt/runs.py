@@ -156,6 +156,9 @@ class RunInfo:
                for k in sorted(set(self.settings) | set(other.settings)) if self.settings.get(k) != other.settings.get(k)]
         if self.parent != other.parent:
             why.append(f"the run it starts from changed ({self.parent} -> {other.parent})")
+        data = self.extra.get("data"), other.extra.get("data")  # what it learns from, where a run records it
+        if None not in data and data[0] != data[1]:
+            why.append(f"the data changed ({data[0]} -> {data[1]})")
         if self.code != other.code:
             why.append(f"the code changed (digest {self.code} -> {other.code})")
         return why

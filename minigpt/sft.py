@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -149,13 +151,16 @@ class SFTSource:
         order = rng.permutation(n)
         if not self.group_by_length:
             return order
+        # The last, short batch (next_batch skips it) is set aside before sorting: a random few, as
+        # without grouping, not the longest conversations of every epoch.
+        full = n // self.batch_size * self.batch_size
+        order, left = order[:full], order[full:]
         run = self.batch_size * 50
         widths = np.array([(len(ids) - 1) // 32 for ids, _ in self.examples])  # 32-token buckets, see above
         order = np.concatenate([chunk[np.argsort(widths[chunk], kind="stable")]
-                                for chunk in np.split(order, range(run, n, run))])
-        full = n // self.batch_size * self.batch_size  # a last, short batch stays last: next_batch skips it
-        batches = np.split(order[:full], full // self.batch_size)
-        return np.concatenate([*(batches[i] for i in rng.permutation(len(batches))), order[full:]])
+                                for chunk in np.split(order, range(run, full, run))])
+        batches = np.split(order, full // self.batch_size)
+        return np.concatenate([*(batches[i] for i in rng.permutation(len(batches))), left])
 
     def collate(self, rows: Sequence[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rendered conversations -> right-padded (inputs, targets), targets -100 where not learned."""
@@ -405,10 +410,13 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     cfg = sft_config(recipe, lora=bool(lora), stage=stage, **train_overrides)
     model, tok, parent = load_base(base, recipe, tokenizer=tokenizer, seed=cfg.seed)
-    generated = train is None
+    generated, test_generated = train is None, test is None
     train = list(train) if train is not None else task_data(recipe, task, "train", seed=cfg.seed)
     test = list(test) if test is not None else task_data(recipe, task, "test", seed=cfg.seed)
     block = model.config.block_size
+    given = test  # what run.json's digest describes
+    if too_long != "error":  # a held-out conversation that does not fit is left out of every measure
+        test = [c for c in test if len(render(c, tok)[0]) <= block + 1]
     pad = 8 if device.startswith("cuda") else 1
     source = SFTSource(train, tok, batch_size, block, seed=cfg.seed, too_long=too_long,
                        rank=ddp.rank, world_size=ddp.world_size, pad_multiple=pad, group_by_length=stage != "sft")
@@ -427,9 +435,17 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
         peft = dict(peft)
         torch.manual_seed(cfg.seed)  # adapters and prefixes start random
         apply_peft(model, **peft)
-    val = SFTSource(test, tok, min(batch_size, len(test)), block, shuffle=False, too_long="drop")
+    # The held-out conversations that fit, shared out among the processes (Trainer.evaluate has each
+    # read eval_steps / processes batches), in batches no larger than each one's share.
+    usable = len(SFTSource(test, tok, 1, block, shuffle=False, too_long="drop"))
+    if usable < ddp.world_size:
+        raise ValueError(f"{usable} held-out conversations fit the model's context; {ddp.world_size} processes need "
+                         "at least one each: give more held-out data")
+    val = SFTSource(test, tok, min(batch_size, usable // ddp.world_size), block, shuffle=False, too_long="drop",
+                    rank=ddp.rank, world_size=ddp.world_size)
     if "eval_steps" not in train_overrides:  # no more validation batches than the held-out set fills
-        cfg = dataclasses.replace(cfg, eval_steps=max(1, min(cfg.eval_steps, len(val) // val.batch_size)))
+        fills = usable // val.stride * ddp.world_size
+        cfg = dataclasses.replace(cfg, eval_steps=max(1, min(cfg.eval_steps, fills)))
 
     def sample(m: GPT) -> str:
         q = test[0]
@@ -446,7 +462,9 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
     info = run_info(recipe, "lora" if lora_kwargs else stage, parent=parent,
                     parts=(*(() if own_shape else ("tokenizer", "model")), "optim", stage, *(("lora",) if lora else ())),
                     module="minigpt.sft" if stage == "sft" else "minigpt.chatbot", train=train_overrides,
-                    extra={"task": task if generated else "custom", "lora": lora_kwargs, "peft": peft, **shape})
+                    extra={"task": task if generated else "custom", "lora": lora_kwargs, "peft": peft, **shape,
+                           "data": {"train": task if generated else _digest(train),  # begin_run compares it
+                                    "test": task if test_generated else _digest(given)}})
     with run_lock(out) if ddp.is_main else nullcontext():  # the folder is this run's until it ends
         if ddp.is_main:
             begin_run(out, info, resume=resume)
@@ -476,6 +494,12 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
             if checkable:
                 print(f"held-out exact match: {score:.3f} on {len(test)} conversations")
     return SFTRun(trainer, tok, train, test, score)
+
+
+def _digest(conversations: Sequence[Conversation]) -> str:
+    """A short digest of conversations given as data, so that a run folder is not continued on other data."""
+    text = json.dumps([[(m.role, m.content) for m in c.messages] for c in conversations])
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _names(names: str | Sequence[str]) -> list[str]:

@@ -92,6 +92,11 @@ def test_grouped_batches_hold_conversations_of_similar_length(tok):
     first, second = _rows(again, 10), _rows(again, 10)
     assert len(set(first)) == 80 and set(first) == set(second) and first != second  # every one, once per epoch
     assert _rows(SFTSource(short + long, tok, 8, 128, seed=1, group_by_length=True), 10) == first  # seeded
+    # 84 conversations: each epoch leaves 4 out (the last, short batch). A random 4, not the longest every time.
+    odd = SFTSource(short + long + long[:4], tok, 8, 128, seed=1, group_by_length=True)
+    every = {tuple(render(c, tok)[0][:-1]) for c in short + long}
+    left_out = [every - set(_rows(odd, 10)) for _ in range(5)]
+    assert all(len(s) <= 4 for s in left_out) and any(len(row) <= longest_short for s in left_out for row in s)
 
 
 def test_ranks_take_different_conversations(tok):
@@ -144,6 +149,60 @@ def test_sft_resumes_on_the_same_loss_curve(tok, tmp_path):
     resumed = trainer(tmp_path / "b")
     assert resumed.resume() and resumed.step == 4
     assert [r["loss"] for r in resumed.fit(progress=False)] == straight[4:]
+
+
+def test_a_run_folder_is_not_continued_on_other_data_and_a_long_held_out_one_is_left_out(ci, tok, tmp_path):
+    config = GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)
+    train, test = _convs(64, seed=0), _convs(8, seed=1)
+    too_long = Conversation.single("What is 1 + 1? " * 8, "2")  # one held-out conversation does not fit
+
+    def run(train, test, **kw):
+        torch.manual_seed(0)
+        return sft(ci, GPT(config), tmp_path, tokenizer=tok, train=train, test=test, too_long="drop",
+                   progress=False, batch_size=8, max_steps=2, eval_interval=2, **kw)
+    first = run(train, [too_long, *test[:7]])  # 7 fit: the validation batch is cut to 7, not a crash
+    assert first.trainer.val_data.batch_size == 7 and "val_loss" in first.trainer.history[-1]
+    with pytest.raises(ValueError, match="holds a run made otherwise .*the data changed"):
+        run(_convs(64, seed=2), test)  # other conversations, the same settings
+    assert run(_convs(64, seed=2), test, resume=False).trainer.step == 2  # --restart: starts over on them
+
+
+def _sft_worker(rank: int, world: int, port: int, ci, tok, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        torch.manual_seed(0)
+        config = GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)
+        run = sft(ci, GPT(config), out, tokenizer=tok, train=_convs(64), test=_convs(32, seed=1), progress=False,
+                  batch_size=8, max_steps=1, learning_rate=0.0, eval_interval=1, eval_steps=4, checkpoint_interval=0,
+                  sample_interval=0)
+        if rank == 0:
+            torch.save(run.trainer.history[-1]["val_loss"], f"{out}/val.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sft_validation_loss_does_not_depend_on_the_number_of_processes(ci, tok, tmp_path):
+    """Two gloo processes share the held-out batches out: each reads its own, and together the same
+    four a single process reads (each would otherwise read the first two: half the set, twice).
+    The learning rate is 0, so the weights evaluated are the same however many processes trained."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)
+    alone = sft(ci, GPT(config), tmp_path / "one", tokenizer=tok, train=_convs(64), test=_convs(32, seed=1),
+                progress=False, batch_size=8, max_steps=1, learning_rate=0.0, eval_interval=1, eval_steps=4,
+                checkpoint_interval=0, sample_interval=0)  # a step that changes nothing: the same weights on 1 and 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sft_worker, args=(2, port, ci, tok, str(tmp_path / "two")), nprocs=2, join=True)
+    both = torch.load(tmp_path / "two" / "val.pt")
+    assert both == pytest.approx(alone.trainer.history[-1]["val_loss"], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
