@@ -207,13 +207,18 @@ class ShardLoader:
             raise ValueError("no token shards given; tokenize a corpus first")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.paths = [Path(p) for p in shards]
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size = rank, world_size
         self.span = batch_size * block_size  # tokens one rank consumes per batch (+1 for targets)
         self.stride = self.span * world_size  # tokens all ranks consume per step
-        for path in self.paths:
-            n = len(read_shard(path))
+        paths = [Path(p) for p in shards]
+        sizes = [len(read_shard(p)) for p in paths]
+        # A corpus's last shard holds what was left over, often less than a step, and a step never
+        # spans two shards: it is left out while others remain. Every other shard must hold a step.
+        if len(paths) > 1 and sizes[-1] < self.stride + 1:
+            paths, sizes = paths[:-1], sizes[:-1]
+        self.paths = paths
+        for path, n in zip(paths, sizes):
             if n < self.stride + 1:
                 raise ValueError(
                     f"{path} holds {n:,} tokens, fewer than one step of all ranks needs "

@@ -77,9 +77,16 @@ def test_restored_state_continues_exactly(tmp_path):
         ShardLoader(shards, batch_size=3, block_size=16).load_state_dict(state)
 
 
-def test_too_small_shard_is_a_clear_error(tmp_path):
+def test_too_small_shard_is_a_clear_error_unless_it_is_the_last_of_several(tmp_path):
     with pytest.raises(ValueError, match="lower batch_size or block_size"):
         ShardLoader(_shards(tmp_path, n=50), batch_size=4, block_size=16)
+    (tmp_path / "a").mkdir()
+    full = _shards(tmp_path / "a", n_shards=2)
+    rest = write_shard(tmp_path / "a" / "rest.bin", np.arange(20))  # what a corpus leaves over at its end
+    loader = ShardLoader([*full, rest], batch_size=4, block_size=16)
+    assert loader.paths == full and all(int(loader.next_batch()[0].max()) < 20_000 for _ in range(50))
+    with pytest.raises(ValueError, match="rest.bin holds 20 tokens"):
+        ShardLoader([full[0], rest, full[1]], batch_size=4, block_size=16)  # short, and not the last
 
 
 def _letters(batch):
