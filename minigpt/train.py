@@ -139,6 +139,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.grad_accum < 1:
             raise ValueError("max_steps and grad_accum must be at least 1")
+        if self.log_interval < 1 or self.eval_steps < 1:
+            raise ValueError(f"log_interval={self.log_interval} and eval_steps={self.eval_steps} must be at least 1 "
+                             "(eval_interval=0 turns evaluation off)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
         if self.parallel not in PARALLEL:

@@ -403,3 +403,6 @@ def test_the_clock_counts_evaluation_and_checkpoints_and_the_budget_skips_costly
         TrainConfig(checkpoint_budget=1.0)
     with pytest.raises(ValueError, match="parallel='zero'"):
         TrainConfig(parallel="zero")
+    for bad in (dict(log_interval=0), dict(eval_steps=0)):
+        with pytest.raises(ValueError, match="must be at least 1 .eval_interval=0 turns evaluation off"):
+            TrainConfig(**bad)
