@@ -76,8 +76,8 @@ def test_ci_chat_model_learns_the_dialogue(ci, chat_run, outcome):
     test = chat_data(ci, tok, "test")
     before, after = reply_loss(base, base_tok, test, plain=True), reply_loss(model, tok, test)
     assert info.extra["reply_loss"] == pytest.approx(after, rel=1e-4)
-    outcome.check("chat: held-out reply loss, pretrained minus chat model (nats per token)", before - after, ">", 0.4)  # spread 0.656 .. 0.709 (6 runs)
-    outcome.check("chat: replies that end their turn", info.extra["end_rate"], ">=", 0.8)  # spread 0.884 .. 1.000 (6 runs)
+    outcome.check("chat: held-out reply loss, pretrained minus chat model (nats per token)", before - after, ">", 0.4)  # spread 0.689 .. 0.745 (6 runs)
+    outcome.check("chat: replies that end their turn", info.extra["end_rate"], ">=", 0.8)  # spread 0.953 .. 1.000 (6 runs)
 
 
 def test_minigpt_sft_chat_and_its_errors(tmp_path, capsys):
