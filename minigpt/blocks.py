@@ -28,9 +28,10 @@ from minigpt.train import TrainConfig, Trainer
 
 def variants(n_head: int) -> dict[str, dict[str, Any]]:
     """The comparison's variants as :class:`~minigpt.model.GPTConfig` overrides: GPT-2, each
-    switch alone, and all four together. Grouped-query attention halves the key/value heads
-    (one head for all queries, multi-query attention, when ``n_head`` is 2)."""
-    gqa = {"n_kv_head": max(1, n_head // 2)}
+    switch alone, and all four together. Grouped-query attention halves the key/value heads, or
+    keeps the largest number below half that divides ``n_head`` (one head for all queries,
+    multi-query attention, when ``n_head`` is 2 or a prime)."""
+    gqa = {"n_kv_head": max(g for g in range(1, max(1, n_head // 2) + 1) if n_head % g == 0)}
     return {
         "GPT-2": {},
         "RMSNorm": {"norm": "rmsnorm"},

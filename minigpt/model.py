@@ -156,7 +156,15 @@ class GPTConfig:
 
     @classmethod
     def from_hf_config(cls, hf_config: Any, **overrides: Any) -> GPTConfig:
-        """Translate a ``transformers.GPT2Config``."""
+        """Translate a ``transformers.GPT2Config``, refusing the options of that class this model does
+        not have (it would load the weights and compute something else)."""
+        differs = {name: getattr(hf_config, name, want) for name, want in (
+            ("activation_function", "gelu_new"), ("layer_norm_epsilon", 1e-5), ("scale_attn_weights", True),
+            ("scale_attn_by_inverse_layer_idx", False))
+            if getattr(hf_config, name, want) != want}
+        if differs:
+            raise ValueError(f"this GPT-2 config sets {differs}, which minigpt's GPT does not implement (it has "
+                             "tanh GELU, LayerNorm eps 1e-5 and 1/sqrt(head size) attention scaling)")
         base = dict(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
                     n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd)
         return cls(**{**base, **overrides})

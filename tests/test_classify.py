@@ -142,6 +142,8 @@ def test_source_pads_inputs_and_per_token_targets(tok):
     seq = ClassificationSource(encode_labeled(tok, reviews(5), 64), 2, PAD)
     assert seq.next_batch()[1].shape == (2,)
     assert sum(len(b[1]) for b in seq.batches()) == 5
+    with pytest.raises(ValueError, match=f"row 1 holds the pad id {PAD}, which the classifier would take for padding"):
+        ClassificationSource([([5, 9], 0), ([7, PAD], 1)], 2, PAD)  # its last token would be read as padding
 
 
 # -- the heads -----------------------------------------------------------------------------

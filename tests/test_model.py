@@ -42,6 +42,14 @@ def test_logits_match_transformers(hf_model: GPT2LMHeadModel) -> None:
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
+def test_a_gpt2_config_with_options_this_model_lacks_is_refused() -> None:
+    for option in (dict(activation_function="gelu"), dict(layer_norm_epsilon=1e-2),
+                   dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_weights=False)):
+        config = GPT2Config(vocab_size=100, n_positions=32, n_layer=2, n_head=4, n_embd=64, **option)
+        with pytest.raises(ValueError, match=f"sets {{'{next(iter(option))}'.*does not implement"):
+            GPTConfig.from_hf_config(config)
+
+
 def test_hf_round_trip(hf_model: GPT2LMHeadModel) -> None:
     model = GPT.from_hf_state_dict(hf_model.state_dict(), GPTConfig.from_hf_config(hf_model.config))
     exported = model.to_hf_state_dict()

@@ -230,6 +230,8 @@ def test_compare_blocks_rejects_unknown_variants() -> None:
     with pytest.raises(ValueError, match=r"unknown variant\(s\) \['Mamba'\]; choose from GPT-2, RMSNorm"):
         compare_blocks(minigpt.recipe("ci"), names=["Mamba"])
     assert variants(1)["GQA"] == {"n_kv_head": 1}
+    # Half the heads, or the largest count below half that divides n_head (GPT-2 XL has 25 heads).
+    assert [variants(n)["GQA"]["n_kv_head"] for n in (2, 4, 5, 6, 7, 12, 25)] == [1, 2, 1, 3, 1, 6, 5]
 
 
 @pytest.mark.slow
