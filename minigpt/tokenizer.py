@@ -154,10 +154,10 @@ class CharTokenizer:
 
     def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> str:
         ids = _id_sequence(ids)
-        try:
-            return "".join([self._chars[i] for i in ids])
+        try:  # operator.index: an element may be a 0-d tensor, which a dict would not find (it hashes by id)
+            return "".join([self._chars[operator.index(i)] for i in ids])
         except (KeyError, TypeError):
-            bad = next(i for i in ids if i not in self._chars)
+            bad = next(i for i in ids if not _known(i, self._chars))
             raise ValueError(f"unknown token id {bad!r} (vocab_size is {self.vocab_size})") from None
 
     def __repr__(self) -> str:
@@ -359,11 +359,17 @@ class BPETokenizer:
             self._byte_ids[tok[0]] = i
         self._special = dict(special_tokens or {})
         ids = sorted(self._special.values())
-        if len(set(ids)) != len(ids) or (ids and ids[0] < len(self._tokens)) or not all(self._special):
+        if len(set(ids)) != len(ids) or (ids and ids[0] < len(self._tokens)) or \
+                not all(isinstance(s, str) and s for s in self._special):
             raise ValueError(
                 f"special tokens need distinct non-empty names and distinct ids >= {len(self._tokens)} "
                 f"(after the ordinary vocabulary), got {self._special}"
             )
+        # tiktoken may match the shorter of two names that start alike, encode_slow the longer one.
+        prefix = next(((a, b) for a in self._special for b in self._special if a != b and b.startswith(a)), None)
+        if prefix:
+            raise ValueError(f"special token {prefix[0]!r} is the start of {prefix[1]!r}: text holding the longer one "
+                             "could be read either way; choose names of which none begins another")
         self._vocab = {i: tok for i, tok in enumerate(self._tokens)}
         self._vocab.update((i, s.encode("utf-8")) for s, i in self._special.items())
         self._vocab_size = max(self._vocab) + 1
@@ -531,8 +537,8 @@ class BPETokenizer:
     def decode_bytes_slow(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> bytes:
         """The same bytes as :meth:`decode_bytes`, in plain Python: each id's bytes, joined."""
         ids = _id_sequence(ids)
-        try:
-            return b"".join([self._vocab[i] for i in ids])
+        try:  # operator.index: an element may be a 0-d tensor, which a dict would not find (it hashes by id)
+            return b"".join([self._vocab[operator.index(i)] for i in ids])
         except (KeyError, TypeError):
             raise self._unknown_id(ids) from None
 
@@ -541,10 +547,7 @@ class BPETokenizer:
         return ValueError(f"unknown token id {bad} (vocab_size is {self.vocab_size})")
 
     def _is_id(self, i: object) -> bool:
-        try:
-            return operator.index(i) in self._vocab  # type: ignore[arg-type]
-        except TypeError:
-            return False
+        return _known(i, self._vocab)
 
     def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> str:
         """Ids -> text. A cut through a multi-byte character shows as U+FFFD, never an error."""
@@ -589,6 +592,8 @@ class BPETokenizer:
             specials = {}
             for _ in range(int(field("specials"))):
                 s, _, i = next(rest).rpartition(" ")
+                if json.loads(s) in specials:
+                    raise ValueError(f"special token {json.loads(s)!r} is listed twice")
                 specials[json.loads(s)] = int(i)
             if next(rest) != "end" or any(rest):
                 raise ValueError("missing 'end' line or data after it")
@@ -635,6 +640,14 @@ def _merges_from_tokens(tokens: Sequence[bytes]) -> dict[Pair, int]:
             raise ValueError(f"token {new_id} {tokens[new_id]!r} is not a merge of two earlier tokens")
         merge_ids[(parts[0], parts[1])] = new_id
     return merge_ids
+
+
+def _known(i: object, table: Mapping[int, object]) -> bool:
+    """Whether ``i`` is an integer id (an int, a NumPy integer, a 0-d integer tensor) in ``table``."""
+    try:
+        return operator.index(i) in table  # type: ignore[arg-type]
+    except TypeError:
+        return False
 
 
 def _id_sequence(ids: Iterable[int] | torch.Tensor | np.ndarray) -> Sequence[int]:

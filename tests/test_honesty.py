@@ -30,6 +30,8 @@ def test_the_known_world_and_its_strangers():
     train, test = stranger_questions(500), stranger_questions(200, split="test")
     name = lambda c: re.fullmatch(r"(?:Where|Which pet) does (\w+) (?:live|have)\?", c.prompt[-1].content)[1]  # noqa: E731
     assert all(c.answer == UNKNOWN and name(c) not in NAMES for c in train + test)
+    many = stranger_questions(4000, seed=1337) + stranger_questions(4000, seed=3)  # a made-up word can be "Nina"
+    assert not {name(c) for c in many} & set(NAMES)
     assert {split_of(name(c)) for c in test} == {"test"} and not {name(c) for c in train} & {name(c) for c in test}
     mixed = closed_book_qa(2000, unanswerable=0.1, seed=3)
     share = sum(c.answer == UNKNOWN for c in mixed) / len(mixed)

@@ -35,6 +35,11 @@ def _word(question):
     return words[1] if words[0] == "Write" else words[-1]
 
 
+def _world(text):
+    """A world's facts in a fixed order: the same world, whatever order its system message gives them in."""
+    return " ".join(sorted(fact.strip() + "." for fact in text.split(".") if fact.strip()))
+
+
 def _keys(convs, key):
     return {key(c) for c in convs}
 
@@ -49,7 +54,8 @@ def test_arithmetic_answers_are_right_and_differences_never_negative():
 
 @pytest.mark.parametrize("make, key", [
     (lambda n, **kw: arithmetic(n, **kw), lambda c: c.messages[0].content),
-    (lambda n, **kw: world_qa(n, **kw), lambda c: c.messages[0].content),
+    (lambda n, **kw: world_qa(n, **kw), lambda c: _world(c.messages[0].content)),
+    (lambda n, **kw: world_qa(n, people=1, **kw), lambda c: _world(c.messages[0].content)),  # 5,200 worlds only
     (lambda n, **kw: string_tasks(n, **kw), lambda c: _word(c.messages[0].content)),
 ])
 def test_train_and_test_splits_never_overlap_and_are_deterministic(make, key):
@@ -279,3 +285,11 @@ def test_online_sets_fail_fast_offline(monkeypatch):
     with pytest.raises(NetworkError, match=r"HuggingFaceTB/smoltalk.*HF_HUB_OFFLINE is set"):
         load_chat_data("smoltalk", limit=10)
     assert time.perf_counter() - start < 5
+
+
+def test_sample_split_keeps_an_example_found_on_its_last_draw():
+    from minigpt.tasks.data import sample_split
+
+    held, kept = (next(f"k{i}" for i in range(100) if split_of(f"k{i}") == s) for s in ("test", "train"))
+    draws = iter([held] * (100 * 1 + 1000 - 1) + [kept])  # sample_split draws at most 100 n + 1000 times
+    assert sample_split(lambda rng: (key := next(draws), key), 1, "train", 0) == [kept]

@@ -8,6 +8,7 @@ from itertools import pairwise
 
 import pytest
 import regex
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -164,6 +165,14 @@ def test_decode_unknown_id(tok: BPETokenizer) -> None:
             tok.decode([65, bad])
     with pytest.raises(ValueError, match="unknown token id"):
         tok.token_bytes(tok.vocab_size)
+    ids = torch.tensor(tok.encode("hi"))
+    chars = CharTokenizer.from_text("hi")
+    for decode, elements in ((tok.decode, list(ids)), (tok.decode_bytes_slow, list(ids)),
+                             (chars.decode, list(torch.tensor(chars.encode("hi"))))):
+        assert decode(elements) in ("hi", b"hi")  # 0-d tensors, which a dict of ids does not find by hash
+    for decode in (tok.decode_bytes_slow, chars.decode):
+        with pytest.raises(ValueError, match="unknown token id 104.0"):
+            decode([104.0])
 
 
 # -- special tokens -------------------------------------------------------------------------
@@ -203,6 +212,11 @@ def test_constructor_validates() -> None:
         BPETokenizer([(97, 98), (97, 98)])
     with pytest.raises(ValueError, match="special tokens"):
         BPETokenizer([(97, 98)], special_tokens={EOT: 100})
+    with pytest.raises(ValueError, match="special tokens need distinct non-empty names"):
+        BPETokenizer([(97, 98)], special_tokens={7: 300})
+    # tiktoken may take the shorter of two names that start alike, encode_slow the longer one.
+    with pytest.raises(ValueError, match=r"'<\|en' is the start of '<\|end\|>'"):
+        BPETokenizer([(97, 98)], special_tokens={"<|end|>": 300, "<|en": 301})
 
 
 # -- files ----------------------------------------------------------------------------------
@@ -219,7 +233,8 @@ def test_save_load_round_trip(tok: BPETokenizer, corpus: str, tmp_path) -> None:
     assert loaded.encode(sample, allowed_special="all") == tok.encode(sample, allowed_special="all")
 
 
-@pytest.mark.parametrize("damage", ["empty", "foreign", "truncated", "version", "bad_merge", "garbage"])
+@pytest.mark.parametrize("damage", ["empty", "foreign", "truncated", "version", "bad_merge", "garbage",
+                                    "special_twice", "special_number"])
 def test_load_rejects_bad_files(tok: BPETokenizer, tmp_path, damage: str) -> None:
     good = tmp_path / "good.txt"
     tok.save(good)
@@ -231,6 +246,8 @@ def test_load_rejects_bad_files(tok: BPETokenizer, tmp_path, damage: str) -> Non
         "version": "\n".join(["minigpt-bpe 2", *lines[1:]]),
         "bad_merge": "\n".join([*lines[:5], "97 9999", *lines[6:]]),
         "garbage": "\n".join([*lines[:5], "x y", *lines[6:]]),
+        "special_twice": "\n".join([*lines[:-3], lines[-3], lines[-3], "end", ""]).replace("specials 1", "specials 2"),
+        "special_number": "\n".join([*lines[:-3], "7 600", "end", ""]),
     }[damage]
     bad = tmp_path / f"{damage}.txt"
     bad.write_text(text)

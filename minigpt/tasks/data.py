@@ -68,7 +68,7 @@ def sample_split(make: Callable[[random.Random], tuple[str, T]], n: int, split: 
         key, conv = make(rng)
         if split_of(key) == split:
             out.setdefault(str(conv), conv)
-    else:
+    if len(out) < n:  # checked after the loop: the n-th may come on the last draw
         raise ValueError(f"could only find {len(out)} distinct {split} examples, not {n}; ask for fewer")
     return list(out.values())
 
@@ -169,13 +169,13 @@ def world_qa(n: int, *, split: str = "train", seed: int = 0, people: int = 3,
     def make(rng: random.Random) -> tuple[str, Conversation]:
         who, where, pet = rng.sample(NAMES, people), rng.sample(PLACES, people), rng.sample(PETS, people)
         facts = [f"{w} lives in {p}." for w, p in zip(who, where)] + [f"{w} has a {a}." for w, a in zip(who, pet)]
+        key = " ".join(sorted(facts))  # the world, whatever order its facts are written in
         rng.shuffle(facts)
-        world = " ".join(facts)
-        turns = [Message("system", world)]
+        turns = [Message("system", " ".join(facts))]
         for _ in range(2 if rng.random() < two_turns else 1):
             q, a = question(rng, who, where, pet)
             turns += [Message("user", q), Message("assistant", a)]
-        return world, Conversation(turns)
+        return key, Conversation(turns)
 
     return sample_split(make, n, split, seed)
 
@@ -244,6 +244,8 @@ def stranger_questions(n: int, *, split: str = "train", seed: int = 0) -> list[C
 
     def make(rng: random.Random) -> tuple[str, Conversation]:
         name = _word(rng).capitalize()
+        while name in NAMES:  # a made-up word can be a real name ("Nina"): the world knows her
+            name = _word(rng).capitalize()
         return name, Conversation.single(_about(name, rng.randrange(2)), UNKNOWN)
 
     return sample_split(make, n, split, seed)
@@ -405,7 +407,7 @@ def entity_tags(n: int, *, split: str = "train", seed: int = 0, sentences: int =
                 tags.append(tag)
         example = Tagged(tuple(words), tuple(tags))
         out.setdefault(example.text, example)
-    else:
+    if len(out) < n:  # checked after the loop: the n-th may come on the last draw
         raise ValueError(f"could only find {len(out)} distinct {split} examples, not {n}; ask for fewer")
     return list(out.values())
 
