@@ -4,6 +4,7 @@ corpus -> tokenizer -> token shards -> GPT -> :class:`~minigpt.train.Trainer`.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -25,6 +26,8 @@ from minigpt.tokenizer import BPETokenizer, gpt2_tokenizer, train_bpe
 from minigpt.train import Distributed, TrainConfig, Trainer, init_distributed
 
 EOT = "<|endoftext|>"
+#: What a run folder's tokenizer and shards were prepared from (:func:`prepared_as`).
+PREPARED = "prepared.json"
 
 
 def pretrain_tokenizer(recipe: Recipe, out_dir: str | os.PathLike) -> BPETokenizer:
@@ -33,6 +36,11 @@ def pretrain_tokenizer(recipe: Recipe, out_dir: str | os.PathLike) -> BPETokeniz
     t = recipe.tokenizer
     path = Path(out_dir) / "tokenizer.bpe"
     if path.exists():
+        held = _preparation(Path(out_dir))
+        if held is not None and held != _wanted(recipe):  # a folder prepared before the record has none
+            changed = "; ".join(f"{k}: {held.get(k)!r} -> {v!r}" for k, v in _wanted(recipe).items() if held.get(k) != v)
+            raise ValueError(f"{out_dir} holds a tokenizer and token shards prepared otherwise ({changed}): choose "
+                             "another output folder, or delete those files")
         return BPETokenizer.load(path)
     if t.kind == "gpt2":
         tok = gpt2_tokenizer()
@@ -47,7 +55,30 @@ def pretrain_tokenizer(recipe: Recipe, out_dir: str | os.PathLike) -> BPETokeniz
         tok = train_bpe("".join(text), t.vocab_size, special_tokens=[EOT])
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path)
+    (path.parent / PREPARED).write_text(json.dumps(_wanted(recipe), indent=1))
     return tok
+
+
+def _wanted(recipe: Recipe) -> dict[str, object]:
+    """The settings a prepared corpus depends on: the corpus and how its tokenizer is made."""
+    t = recipe.tokenizer
+    return {"pretrain.corpus": recipe.pretrain.corpus, "tokenizer.kind": t.kind,
+            **({} if t.kind == "gpt2" else {"tokenizer.corpus_chars": t.corpus_chars, "tokenizer.vocab_size": t.vocab_size})}
+
+
+def _preparation(out: Path) -> dict[str, object] | None:
+    """What ``out``'s tokenizer and shards were prepared from, if recorded."""
+    path = out / PREPARED
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} is damaged; delete it together with tokenizer.bpe and shards/") from None
+
+
+def prepared_as(recipe: Recipe, out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a tokenizer and finished shards prepared as ``recipe`` asks: starting
+    the run over keeps them (a multi-process job could not make them again)."""
+    return is_prepared(out_dir) and _preparation(Path(out_dir)) == _wanted(recipe)
 
 
 def micro_batch(recipe: Recipe, world_size: int = 1) -> tuple[int, int]:
@@ -91,7 +122,8 @@ def pretrain(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool = True,
     A run with a checkpoint in ``out_dir`` continues from it; a folder holding a run made with other
     settings is refused (:func:`~minigpt.runs.begin_run`), and so is one another run trains into
     (:func:`~minigpt.runs.run_lock`); ``resume=False`` starts over, removing the earlier run's
-    tokenizer, shards and checkpoints. ``run.json`` records the run.
+    checkpoints, and its tokenizer and shards unless they were prepared as the recipe asks
+    (:func:`prepared_as`). ``run.json`` records the run.
     """
     ddp, device = init_distributed(recipe.device)
     out = Path(out_dir)
@@ -99,7 +131,8 @@ def pretrain(recipe: Recipe, out_dir: str | os.PathLike, *, resume: bool = True,
     cfg = train_config(recipe, ddp.world_size, **train_overrides)  # refused settings leave the folder as it was
     with run_lock(out) if ddp.is_main else nullcontext():
         if ddp.is_main:
-            begin_run(out, info, resume=resume)
+            keep = ("tokenizer.bpe", "shards", PREPARED) if prepared_as(recipe, out) else ()
+            begin_run(out, info, resume=resume, keep=keep)
         trainer = _train_into(out, recipe, cfg, ddp, device, resume=resume, progress=progress)
         if ddp.is_main:
             finish_run(out, info)

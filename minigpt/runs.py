@@ -25,7 +25,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +218,7 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
 #: What a run writes into its folder: the files that starting over removes (nothing else is touched;
 #: ``*.tmp`` are what a writer killed mid-write leaves).
 RUN_FILES = ("run.json", "checkpoint.safetensors", "checkpoint-step*.safetensors", "metrics.jsonl", "tokenizer.bpe",
-             "lora.safetensors", "reward_model.safetensors", "summary.json", "shards", "*.tmp")
+             "lora.safetensors", "reward_model.safetensors", "summary.json", "shards", "prepared.json", "*.tmp")
 
 
 class RunLocked(MinigptError):
@@ -299,12 +299,13 @@ def run_lock(folder: str | os.PathLike) -> Iterator[None]:
         f.close()
 
 
-def begin_run(folder: str | os.PathLike, info: RunInfo, *, resume: bool) -> None:
+def begin_run(folder: str | os.PathLike, info: RunInfo, *, resume: bool, keep: Sequence[str] = ()) -> None:
     """Check ``folder`` before a stage trains into it, then record ``info`` as unfinished there.
 
     A folder holding a run made with other settings, parent or code is refused when resuming (its
     tokenizer, shards and checkpoint belong to that run); with ``resume=False`` the earlier run's
-    files (:data:`RUN_FILES`) are removed first, so nothing of it is reused."""
+    files (:data:`RUN_FILES`) are removed first, so nothing of it is reused, but those named in
+    ``keep`` (pretraining's prepared corpus, when it was prepared as the recipe asks)."""
     folder = Path(folder)
     if resume and (folder / RUN_FILE).exists():
         why = read_run(folder).differences(info)
@@ -312,7 +313,7 @@ def begin_run(folder: str | os.PathLike, info: RunInfo, *, resume: bool) -> None
             raise ValueError(f"{folder} holds a run made otherwise ({'; '.join(why)}); start it over with --restart "
                              "(resume=False), or choose another output folder")
     if not resume:
-        for pattern in RUN_FILES:
+        for pattern in (p for p in RUN_FILES if p not in keep):
             for path in folder.glob(pattern):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     folder.mkdir(parents=True, exist_ok=True)

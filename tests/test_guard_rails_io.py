@@ -138,6 +138,15 @@ def test_prepare_makes_the_shards_pretraining_uses_and_a_torchrun_job_never_toke
                      "--train.max_steps", "2", "--train.sample_interval", "0"]) == 0
     assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.bin")} == made  # trained on them, not remade
     assert "tokenizing" not in capsys.readouterr().err
+    # Starting the run over keeps what was prepared as the recipe asks: a torchrun job could not remake it.
+    assert cli.main(["pretrain", "--profile", "ci", "--pretrain.corpus", a, "--out", str(out),
+                     "--train.max_steps", "2", "--train.sample_interval", "0", "--restart"]) == 0
+    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.bin")} == made
+    _prepare(r, out, Distributed(rank=1, world_size=2))
+    # Prepared otherwise (another vocabulary): refused by name, never silently reused.
+    assert cli.main(["prepare", "--profile", "ci", "--pretrain.corpus", a, "--out", str(out),
+                     "--tokenizer.vocab_size", "300"]) == 2
+    assert "prepared otherwise (tokenizer.vocab_size: 512 -> 300)" in capsys.readouterr().err
 
 
 # -- 4. a tampered archive from PyPI is refused before any of its code runs ------------------------

@@ -368,7 +368,7 @@ def test_the_start_policy_is_the_sft_runs_kept_checkpoint(ci, tmp_path):
 
 def test_an_rl_stage_writes_a_run_that_chat_reads(ci, reward_stage, tmp_path):
     """run.json records the stage and its parent, the SFT run, and load_run reads the policy."""
-    from minigpt.rlhf.run import run_grpo
+    from minigpt.rlhf.run import run_dpo, run_grpo
     from minigpt.runs import find_or_make, load_run, read_run
 
     stage = run_grpo(ci, tmp_path, steps=1)
@@ -378,3 +378,6 @@ def test_an_rl_stage_writes_a_run_that_chat_reads(ci, reward_stage, tmp_path):
     assert info.finished and len(stage.history) == 1
     model, _ = load_run(tmp_path)
     assert all(torch.equal(a, b.cpu()) for a, b in zip(model.state_dict().values(), stage.model.state_dict().values()))
+    with pytest.raises(ValueError, match=f"{tmp_path} holds a grpo run, which the dpo stage would replace"):
+        run_dpo(ci, tmp_path, steps=1)  # refused before it trains: the grpo run is still there
+    assert read_run(tmp_path).stage == "grpo" and (tmp_path / "checkpoint.safetensors").exists()

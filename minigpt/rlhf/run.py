@@ -47,7 +47,7 @@ from minigpt.rlhf.reward import (
     save_reward_model,
     train_reward_model,
 )
-from minigpt.runs import begin_run, find_or_make, finish_run, read_run, run_info, run_lock, trained
+from minigpt.runs import RUN_FILE, begin_run, find_or_make, finish_run, read_run, run_info, run_lock, trained
 from minigpt.tasks import arithmetic, correct, even_digits, exact_match
 from minigpt.tokenizer import BPETokenizer
 
@@ -71,6 +71,16 @@ def start_policy(recipe: Recipe) -> tuple[GPT, BPETokenizer]:
     return trained(recipe, "sft", step=recipe.rlhf.start_step)
 
 
+def _own_folder(out_dir: str | os.PathLike, stage: str) -> None:
+    """Refuse, before any training, a folder that holds a run of another stage: a stage's results
+    replace what its folder held (RL stages start over), and that must never be another run."""
+    if (Path(out_dir) / RUN_FILE).exists():
+        held = read_run(out_dir).stage
+        if held != stage:
+            raise ValueError(f"{out_dir} holds a {held} run, which the {stage} stage would replace: choose another "
+                             f"output folder (the default is runs/rlhf/{stage})")
+
+
 def _write(out: Path, stage: str, recipe: Recipe, history: list[dict[str, Any]], summary: dict[str, Any],
            save: Callable[[Path], None]) -> None:
     """A stage's run folder: what ``save`` writes (the policy and its tokenizer, or the reward
@@ -78,6 +88,7 @@ def _write(out: Path, stage: str, recipe: Recipe, history: list[dict[str, Any]],
     info = run_info(recipe, stage, parent=read_run(find_or_make(recipe, "sft")).key, parts=("rlhf",),
                     module="minigpt.rlhf.run")
     with run_lock(out):  # a second stage writing into the same folder is refused
+        _own_folder(out, stage)
         begin_run(out, info, resume=False)
         save(out)
         with open(out / "metrics.jsonl", "w") as f:
@@ -105,6 +116,7 @@ class Stage:
 
 def run_reward(recipe: Recipe, out_dir: str | os.PathLike) -> Stage:
     """Train the reward model on the rule's preferences between the start policy's own answers."""
+    _own_folder(out_dir, "reward")
     s = recipe.rlhf
     policy, tok = start_policy(recipe)
     test = problems(recipe, "test", s.n_test)
@@ -155,6 +167,7 @@ def mean_reward(policy: GPT, tok: BPETokenizer, problems: list[Conversation], re
 def run_ppo(recipe: Recipe, out_dir: str | os.PathLike, reward_model: RewardModel | str | os.PathLike,
             **overrides: Any) -> Stage:
     """PPO against ``reward_model`` (a model or a ``reward_model.safetensors`` path)."""
+    _own_folder(out_dir, "ppo")
     recipe = override(recipe, {f"rlhf.ppo.{k}": v for k, v in overrides.items()})
     s, cfg = recipe.rlhf, recipe.rlhf.ppo
     if not isinstance(reward_model, RewardModel) and not Path(reward_model).exists():
@@ -176,6 +189,7 @@ def run_ppo(recipe: Recipe, out_dir: str | os.PathLike, reward_model: RewardMode
 
 def run_dpo(recipe: Recipe, out_dir: str | os.PathLike, **overrides: Any) -> Stage:
     """DPO on pairs of the right answer (chosen) and wrong answers sampled from the start policy."""
+    _own_folder(out_dir, "dpo")
     recipe = override(recipe, {f"rlhf.dpo.{k}": v for k, v in overrides.items()})
     s, cfg = recipe.rlhf, recipe.rlhf.dpo
     reference, policy, tok, test, em_before = _start(recipe)
@@ -193,6 +207,7 @@ def run_dpo(recipe: Recipe, out_dir: str | os.PathLike, **overrides: Any) -> Sta
 
 def run_grpo(recipe: Recipe, out_dir: str | os.PathLike, **overrides: Any) -> Stage:
     """GRPO (or RLOO: ``advantage="rloo"``) with the verifiable reward: is the answer right?"""
+    _own_folder(out_dir, "grpo")
     recipe = override(recipe, {f"rlhf.grpo.{k}": v for k, v in overrides.items()})
     s, cfg = recipe.rlhf, recipe.rlhf.grpo
     reference, policy, tok, test, em_before = _start(recipe)
