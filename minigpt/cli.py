@@ -60,13 +60,13 @@ def _recipe_and_train(args: argparse.Namespace) -> tuple[Recipe, dict[str, Any]]
     return recipe(args.profile, {k: v for k, v in given.items() if not k.startswith("train.")}), parsed
 
 
-def _prepare_out(path: str, *, folder: bool) -> None:
+def _prepare_out(path: str, *, folder: bool, example: str = "my.tok") -> None:
     """Make ``--out``'s folder (``path`` itself, or the folder of the file ``path``) and check it is
     writable, so that a mistake stops the command now rather than after minutes of work."""
     out = Path(path)
     if out.exists() and out.is_dir() != folder:
         raise ValueError(f"--out {path} is a {'file' if folder else 'folder'}; give "
-                         f"{'a folder (made if missing)' if folder else 'a file name, such as ' + str(out / 'my.tok')}")
+                         f"{'a folder (made if missing)' if folder else 'a file name, such as ' + str(out / example)}")
     where = out if folder else out.parent
     where.mkdir(parents=True, exist_ok=True)
     if not os.access(where, os.W_OK):
@@ -106,8 +106,13 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
     r, _ = _recipe_and_train(args)
     _prepare_out(args.out, folder=False)
     if args.input:
-        with open(args.input, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(args.input, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--input {args.input} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        if not text:
+            raise ValueError(f"--input {args.input} is empty: give a text file to learn the merges from")
     else:
         text = shakespeare_text(r.tokenizer.corpus_chars)
     vocab_size = r.tokenizer.vocab_size
@@ -248,7 +253,7 @@ def _cmd_eval_hellaswag(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
     if args.out:
-        _prepare_out(args.out, folder=False)
+        _prepare_out(args.out, folder=False, example="result.json")
     items = load_items(data_files=args.data_files, limit=args.limit)  # offline: fails here, in seconds
     if gpt2:
         from minigpt.model import GPT
@@ -527,8 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        again = " (run the same command again to resume from the last checkpoint)" if argv[:1] in (
-            ["pretrain"], ["sft"]) else ""
+        again = ""
+        if argv[:1] in (["pretrain"], ["sft"]):
+            again = (" (run it again without --restart to resume from the last checkpoint)" if "--restart" in argv
+                     else " (run the same command again to resume from the last checkpoint)")
         print(f"\nminigpt: interrupted{again}", file=sys.stderr)
         return 130
     except USER_ERRORS as err:

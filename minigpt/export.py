@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -62,6 +63,6 @@ def load_hf(folder: str | os.PathLike) -> GPT:
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != "gpt2":
         raise ValueError(f"{folder / 'config.json'} describes a {config.get('model_type')!r} model, not gpt2")
-    gpt_config = GPTConfig(block_size=config["n_positions"], vocab_size=config["vocab_size"],
-                           n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"])
+    # The same translation, and the same refusal of options this model lacks, as from_pretrained's.
+    gpt_config = GPTConfig.from_hf_config(SimpleNamespace(**config))
     return GPT.from_hf_state_dict(load_file(str(folder / "model.safetensors")), gpt_config)

@@ -28,7 +28,7 @@ def check_sampling(*, temperature: float = 1.0, top_k: int | None = None, top_p:
                    min_p: float | None = None, repetition_penalty: float = 1.0) -> None:
     """Refuse a sampling setting no filter takes: each filter checks its own, and a chat checks
     its settings here when it starts, not at its first answer. ``temperature`` 0 is greedy."""
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature={temperature:g} must be >= 0 (0 is greedy)")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"top_k={top_k} must be a positive integer")

@@ -97,6 +97,9 @@ def load_items(*, data_files: str | Path | Sequence[str | Path] | None = None,
             return [item_from_row(row, f"{where}, row {i}") for i, row in enumerate(islice(rows, limit))]
     files = [str(data_files)] if isinstance(data_files, (str, Path)) else [str(f) for f in data_files]
     where = ", ".join(files)
+    empty = [f for f in files if Path(f).is_file() and not Path(f).read_bytes().strip(b" \t\r\n[]")]
+    if empty:  # datasets raises a bare StopIteration on an empty file, a riddle on "[]"
+        raise ValueError(f"{empty[0]} holds no HellaSwag rows; give a JSON or JSONL file of items")
     try:
         rows = datasets.load_dataset("json", data_files=files, split="train")
     except datasets.exceptions.DatasetGenerationError as err:

@@ -45,7 +45,18 @@ _POSITIVE = ("tokenizer.corpus_chars", "tokenizer.vocab_size", "model.n_layer", 
              "reasoning.n_embd", "reasoning.steps", "reasoning.batch_size", "reasoning.grpo.prompts_per_step",
              "vision.patch", "vision.batch_size", "objectives.n_layer",
              "objectives.n_head", "objectives.n_embd", "objectives.block_size", "objectives.steps",
-             "objectives.batch_size", "objectives.n_test")
+             "objectives.batch_size", "objectives.n_test", "classify.n_test", "continual.n_test_b",
+             "rlhf.max_new_tokens", "rlhf.reward.steps")
+#: Counts that may be None (all there are) but otherwise must be at least 1 (a negative count cut
+#: the held-out set from the end, silently).
+_POSITIVE_OR_ALL = ("sft.n_test", "rlhf.n_test", "continual.n_test_a")
+
+
+def _torch_device(device: str) -> torch.device:
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
 
 
 @dataclass(frozen=True)
@@ -371,10 +382,11 @@ class Recipe:
             value = reduce(getattr, path.split("."), self)
             if value < 1:
                 raise ValueError(f"{path}={value} must be at least 1")
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"device={self.device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+        for path in _POSITIVE_OR_ALL:
+            value = reduce(getattr, path.split("."), self)
+            if value is not None and value < 1:
+                raise ValueError(f"{path}={value} must be at least 1, or None for all there are")
+        _torch_device(self.device)
         if self.pretrain.corpus not in CORPORA:
             raise ValueError(f"pretrain.corpus={self.pretrain.corpus!r} is not a corpus; choose one of {', '.join(CORPORA)}")
         if self.model.n_embd % self.model.n_head:
@@ -590,7 +602,7 @@ RECIPES: dict[str, Recipe] = {
 def check_device(device: str) -> None:
     """Refuse a device this machine lacks now, before a run starts, rather than with torch's error
     at the first tensor moved there. (A recipe may name one: ``gpu`` is read on laptops too.)"""
-    d = torch.device(device)
+    d = _torch_device(device)
     if d.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (d.index or 0) >= count:

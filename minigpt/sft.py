@@ -403,6 +403,9 @@ def sft(recipe: Recipe, base: Base, out_dir: str | os.PathLike, *,
         raise ValueError(f"the {stage} model trains in full; LoRA and the other PEFT methods are for the sft stage")
     if lora and peft:
         raise ValueError("give lora or peft, not both: one method of fine-tuning per run")
+    if isinstance(base, (str, os.PathLike)) and Path(base).resolve() == Path(out_dir).resolve():
+        raise ValueError(f"--base and --out are both {base}: fine-tuning into the folder of the run it starts from "
+                         "would replace that run; choose another output folder")
     ddp, device = init_distributed(recipe.device)
     if batch_size is not None:
         recipe = override(recipe, {f"{stage}.batch_size": batch_size})

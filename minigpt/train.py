@@ -489,13 +489,16 @@ class Trainer:
                     text = self._timed("sample_seconds", self._sample)
                     if text is not None:
                         record["sample"] = text
-                # The kept copy first: a run killed between the two saves resumes from before this step
-                # and writes both again, where the other order would resume past it without the copy.
+                # The wall clock up to here goes into the checkpoint with the parts it covers (a save's
+                # own seconds are counted after it, in both). The kept copy first: a run killed between
+                # the two saves resumes from before this step and writes both again.
+                self.clock["wall_seconds"] += time.perf_counter() - started
+                saving = time.perf_counter()
                 if self.out_dir is not None and self.step in keep_steps:
                     self._timed("checkpoint_seconds", self.save, kept_checkpoint_path(self.out_dir, self.step))
                 if self.out_dir is not None and self._save_due(end):
                     self._timed("checkpoint_seconds", self.save)
-                self.clock["wall_seconds"] += time.perf_counter() - started
+                self.clock["wall_seconds"] += time.perf_counter() - saving
                 if self.step % cfg.log_interval == 0 or done or "val_loss" in record or self.stopping:
                     record.update(self.clock, wall_tokens_per_s=self.clock["tokens"] / self.clock["wall_seconds"])
                     self._log(record)

@@ -93,6 +93,16 @@ def test_out_is_a_file_or_a_folder_or_under_a_file(tmp_path, text_file, capsys):
     assert f"--out {tmp_path} is a folder; give a file name" in error_line(capsys)
     assert main(["tokenizer", "encode", str(tmp_path / "nope.tok"), "hi"]) == 2
     assert f"No such file or directory: {tmp_path / 'nope.tok'}" in error_line(capsys)
+    assert main(["eval", "hellaswag", "gpt2", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder; give a file name, such as {tmp_path / 'result.json'}" in error_line(capsys)
+
+
+def test_tokenizer_input_that_is_empty_or_not_text(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.txt").write_bytes(b"ab\xff\xfecd")
+    for name, message in (("empty.txt", "is empty: give a text file"), ("binary.txt", "is not UTF-8 text")):
+        assert train_tokenizer(tmp_path / name, tmp_path / "t.tok") == 2
+        assert f"--input {tmp_path / name} {message}" in error_line(capsys)
 
 
 def test_broken_pipe_is_no_error(monkeypatch, capsys):
@@ -113,6 +123,8 @@ def test_broken_pipe_is_no_error(monkeypatch, capsys):
     (["--model.n_head", "0"], "model.n_head=0 must be at least 1"),
     (["--compile", "maybe"], "compile='maybe' is not a bool: give true or false"),
     (["--device", "gpu"], "device='gpu' is not a torch device"),
+    (["--sft.n_test", "-16"], "sft.n_test=-16 must be at least 1, or None for all there are"),
+    (["--rlhf.ppo.num_mini_batches", "0"], "num_mini_batches=0 must be at least 1"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(tmp_path, capsys, setting, message):
     assert main(["pretrain", "--profile", "ci", "--out", str(tmp_path / "run"), *setting]) == 2
@@ -157,6 +169,8 @@ def test_user_errors_are_one_line_bugs_keep_their_traceback(tmp_path, capsys, mo
     assert main(["pretrain", "--profile", "ci", "--out", out]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "minigpt: interrupted (run the same command again to resume from the last checkpoint)"
+    assert main(["pretrain", "--profile", "ci", "--out", out, "--restart"]) == 130  # the same command would start over
+    assert "(run it again without --restart to resume" in capsys.readouterr().err
 
     fail_with(ZeroDivisionError("a bug"))
     with pytest.raises(ZeroDivisionError):
@@ -209,6 +223,7 @@ def typed(monkeypatch: pytest.MonkeyPatch, *lines: str | type[BaseException]) ->
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--temperature", "-1"], "temperature=-1 must be >= 0 (0 is greedy)"),
+    (["--temperature", "nan"], "temperature=nan must be >= 0 (0 is greedy)"),
     (["--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
     (["--top-p", "0"], "top_p=0 must be in (0, 1]"),
     (["--max-new-tokens", "0"], "max_new_tokens=0 must be at least 1"),

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
@@ -25,3 +27,8 @@ def test_export_refuses_what_gpt2_cannot_hold(tmp_path):
         save_hf(GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8, bias=False)), tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_hf(tmp_path / "nothing")
+    save_hf(GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    with pytest.raises(ValueError, match="sets {'activation_function': 'relu'}, which minigpt's GPT does not implement"):
+        load_hf(tmp_path / "hf")  # it would load weights that compute something else

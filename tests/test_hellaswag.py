@@ -106,6 +106,10 @@ def test_a_row_without_a_field_or_a_file_that_is_not_json_is_refused(tmp_path):
     (tmp_path / "broken.jsonl").write_text("not json\n")
     with pytest.raises(ValueError, match="broken.jsonl is not JSON or JSONL rows"):
         load_items(data_files=tmp_path / "broken.jsonl")
+    for text in ("", "[]\n"):
+        (tmp_path / "empty.jsonl").write_text(text)
+        with pytest.raises(ValueError, match="empty.jsonl holds no HellaSwag rows"):
+            load_items(data_files=tmp_path / "empty.jsonl")
 
 
 def test_the_hub_fails_fast_offline_and_names_the_local_alternative(monkeypatch):

@@ -165,6 +165,8 @@ def test_a_run_folder_is_not_continued_on_other_data_and_a_long_held_out_one_is_
     with pytest.raises(ValueError, match="holds a run made otherwise .*the data changed"):
         run(_convs(64, seed=2), test)  # other conversations, the same settings
     assert run(_convs(64, seed=2), test, resume=False).trainer.step == 2  # --restart: starts over on them
+    with pytest.raises(ValueError, match="--base and --out are both .*would replace that run"):
+        sft(ci, tmp_path, tmp_path, progress=False)
 
 
 def _sft_worker(rank: int, world: int, port: int, ci, tok, out: str) -> None:

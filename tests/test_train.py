@@ -211,6 +211,14 @@ def test_the_clock_and_the_metrics_survive_a_stop_and_a_kill(tmp_path):
     assert not again.resume()
     again.fit(progress=False)
     assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [10, 12]
+    # A long evaluation at the step a run stops at: the wall clock it resumes with covers it too.
+    timed = dataclasses.replace(cfg, max_steps=6, eval_interval=5, eval_steps=40)
+    stop = Trainer(_model(), timed, ShardLoader([shard], 4, 16), ShardLoader([shard], 4, 16), out_dir=tmp_path / "c")
+    stop.fit(progress=False, stop_at=5)
+    go_on = Trainer(_model(), timed, ShardLoader([shard], 4, 16), ShardLoader([shard], 4, 16), out_dir=tmp_path / "c")
+    assert go_on.resume()
+    last = go_on.fit(progress=False)[-1]
+    assert last["wall_seconds"] >= last["train_seconds"] + last["eval_seconds"] + last["checkpoint_seconds"]
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):

@@ -69,6 +69,8 @@ class PPOConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.num_mini_batches < 1:
+            raise ValueError(f"num_mini_batches={self.num_mini_batches} must be at least 1")
         if self.batch_size % self.num_mini_batches:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of "
                              f"num_mini_batches={self.num_mini_batches}")
