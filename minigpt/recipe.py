@@ -666,13 +666,15 @@ def override(base: Any, changes: Mapping[str, object], prefix: str = "") -> Any:
 
 def parse_value(text: str, hint: Any, path: str) -> object:
     """``text`` as a value of type ``hint`` (int, float, str, bool, an optional of one of them,
-    or a tuple: comma-separated), with an error naming ``path`` when it does not parse."""
+    or a tuple: comma-separated, or as ``minigpt recipe`` prints one, ``(120,)`` or ``('ln_1', 'ln_2')``),
+    with an error naming ``path`` when it does not parse."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if type(None) in typing.get_args(hint) and text.lower() == "none":
         return None
     origin = typing.get_origin(hint)
     if origin is tuple:
-        return tuple(parse_value(t.strip(), args[0], path) for t in text.split(",") if t.strip())
+        items = (t.strip() for t in text.strip().removeprefix("(").removesuffix(")").split(","))
+        return tuple(parse_value(t.strip("'\""), args[0], path) for t in items if t)
     if origin is typing.Literal:
         if text not in typing.get_args(hint):
             raise ValueError(f"{path}={text!r} must be one of {', '.join(map(repr, typing.get_args(hint)))}")

@@ -151,7 +151,9 @@ class RunInfo:
         return f"{self.stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
     def differences(self, other: RunInfo) -> list[str]:
-        """Why ``other`` is not this run: changed settings, parent or code, in words."""
+        """Why ``other`` is not this run: another stage, or changed settings, parent or code, in words."""
+        if self.stage != other.stage:  # every setting would differ too: the stage says it all
+            return [f"its stage is {self.stage}, not {other.stage}"]
         why = [f"{k}: {self.settings.get(k)!r} -> {other.settings.get(k)!r}"
                for k in sorted(set(self.settings) | set(other.settings)) if self.settings.get(k) != other.settings.get(k)]
         if self.parent != other.parent:
@@ -308,7 +310,10 @@ def begin_run(folder: str | os.PathLike, info: RunInfo, *, resume: bool, keep: S
     ``keep`` (pretraining's prepared corpus, when it was prepared as the recipe asks)."""
     folder = Path(folder)
     if resume and (folder / RUN_FILE).exists():
-        why = read_run(folder).differences(info)
+        held = read_run(folder)
+        why = held.differences(info)
+        if why and held.stage != info.stage:  # --restart would delete a run of another kind: never advise it
+            raise ValueError(f"{folder} holds a run made otherwise ({why[0]}); choose another output folder")
         if why:
             raise ValueError(f"{folder} holds a run made otherwise ({'; '.join(why)}); start it over with --restart "
                              "(resume=False), or choose another output folder")

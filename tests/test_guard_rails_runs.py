@@ -112,7 +112,7 @@ def test_a_refused_lora_sft_leaves_the_full_sft_run_loadable(ci, base_tok, tmp_p
                 progress=False)
     sft(ci, base, out, **data)
     before = _files(out)
-    with pytest.raises(ValueError, match=r"holds a run made otherwise \(lora\..*--restart"):
+    with pytest.raises(ValueError, match=r"holds a run made otherwise \(its stage is sft, not lora\); choose another output folder$"):
         sft(ci, base, out, lora=True, **data)
     assert _files(out) == before
     model, tok = load_run(out)

@@ -38,6 +38,8 @@ def test_overrides_by_dotted_path_parse_strings_by_the_fields_type():
     assert (r.sft.keep_steps, r.sft.n_test, r.compile, r.seed) == ((100, 120), None, True, 2)
     assert RECIPES["ci"].model.n_layer == 2  # the named recipe itself is untouched
     assert override(PPOConfig(), {"steps": "7"}).steps == 7  # any frozen settings tree
+    printed = minigpt.recipe("ci", {"sft.keep_steps": "(100, 120)", "lora.train_also": "('ln_1', 'ln_f')"})
+    assert (printed.sft.keep_steps, printed.lora.train_also) == ((100, 120), ("ln_1", "ln_f"))  # as `recipe` prints
 
 
 @pytest.mark.parametrize("changes, message", [
