@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.errors import MinigptError, Stopped
-from minigpt.recipe import Recipe, check_device, flatten, parse_value, recipe
+from minigpt.recipe import Recipe, check_device, flatten, override, parse_value, recipe
 
 #: The recipe's own fields, given as --seed 2 (every other field has a dot: --sft.steps 800).
 TOP_LEVEL = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "name" and f.type in ("str", "bool", "int"))
@@ -217,15 +217,20 @@ def _cmd_rlhf(args: argparse.Namespace) -> None:
     if train_overrides:
         raise ValueError("the RL stages do not use the Trainer: set their fields as --rlhf.STAGE.FIELD, "
                          "such as --rlhf.ppo.steps 20 (`minigpt recipe` lists them)")
+    for flag, owner in (("plain", "dpo"), ("rloo", "grpo")):
+        if getattr(args, flag) and args.stage != owner:
+            raise ValueError(f"--{flag} is a setting of the {owner} stage, not of {args.stage}")
+    # As settings, so that the settings printed (and recorded in run.json) are those that run.
+    r = override(r, {"rlhf.dpo.rpo_alpha": None} if args.plain else {"rlhf.grpo.advantage": "rloo"} if args.rloo else {})
     _print_recipe(r, ["sft", "rlhf"])
     if args.stage == "reward":
         stage = run.run_reward(r, out)
     elif args.stage == "ppo":
         stage = run.run_ppo(r, out, args.reward)
     elif args.stage == "dpo":
-        stage = run.run_dpo(r, out, **({"rpo_alpha": None} if args.plain else {}))
+        stage = run.run_dpo(r, out)
     else:
-        stage = run.run_grpo(r, out, **({"advantage": "rloo"} if args.rloo else {}))
+        stage = run.run_grpo(r, out)
     for key, value in stage.summary.items():
         print(f"{key:>20} = {value:.4g}" if isinstance(value, float) else f"{key:>20} = {value}")
     if args.stage != "reward":
@@ -280,11 +285,18 @@ _CHAT_HELP = """commands: /reset forgets the conversation, /temp T sets the temp
 
 def _cmd_chat(args: argparse.Namespace) -> None:
     from minigpt.chat import ChatSession
-    from minigpt.runs import find_or_make, load_run
+    from minigpt.runs import find_or_make, load_run, read_run
 
     if args.run is None:  # the book's chat model: chapter 5's, trained on first use
         r, _ = _recipe_and_train(args)
         args.run = str(find_or_make(r, "chat", progress=True))
+    stage = read_run(args.run).stage
+    if stage == "pretrain":
+        raise ValueError(f"{args.run} is a pretraining run: it continues text and has never seen the chat format; "
+                         f"fine-tune it first (minigpt sft --base {args.run} --out runs/sft), then chat with that")
+    if stage == "reward":
+        raise ValueError(f"{args.run} is a reward model: it scores answers and does not write them; chat with a "
+                         "policy instead (runs/rlhf/ppo, dpo or grpo)")
     model, tok = load_run(args.run)
     chat = ChatSession(model, tok, system=args.system, temperature=args.temperature, top_p=args.top_p,
                        max_new_tokens=args.max_new_tokens, seed=args.seed)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import minigpt
 from minigpt.cli import main
 from minigpt.errors import MinigptError, NaNLogitsError
 from minigpt.generate import generate
@@ -195,8 +196,11 @@ def test_user_errors_are_one_line_bugs_keep_their_traceback(tmp_path, capsys, mo
 def chat_run(tmp_path, tok, monkeypatch):
     """A run folder whose loading gives a tiny model for ``tok``; returns a function that swaps the
     model (a NaN one, one of another vocabulary)."""
+    from minigpt.runs import run_info, write_run
+
     folder = tmp_path / "chat"
     folder.mkdir()
+    write_run(folder, run_info(minigpt.recipe("ci"), "sft"))  # chat reads the stage first
     torch.manual_seed(0)
     loaded = {"model": GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16))}
     monkeypatch.setattr("minigpt.runs.load_run", lambda path: (loaded["model"].eval(), tok))
@@ -244,6 +248,22 @@ def test_chat_needs_a_run_folder(tmp_path, capsys):
     (tmp_path / "grpo" / "run.json").write_text("{}")
     assert main(["chat", str(tmp_path)]) == 2
     assert f"the runs in it: {tmp_path / 'grpo'}" in error_line(capsys)
+
+
+def test_chat_refuses_a_pretraining_run_and_a_reward_model_with_what_to_do(ci, tmp_path, capsys):
+    from minigpt.runs import run_info, write_run
+
+    for stage, message in (("pretrain", "is a pretraining run: it continues text"),
+                           ("reward", "is a reward model: it scores answers and does not write them")):
+        (tmp_path / stage).mkdir()
+        write_run(tmp_path / stage, run_info(ci, stage, module="minigpt.pretrain"))
+        assert main(["chat", str(tmp_path / stage)]) == 2
+        assert message in error_line(capsys)
+
+
+def test_rlhf_flags_of_another_stage_are_refused(tmp_path, capsys):
+    assert main(["rlhf", "grpo", "--profile", "ci", "--plain", "--out", str(tmp_path / "g")]) == 2
+    assert "--plain is a setting of the dpo stage, not of grpo" in error_line(capsys)
 
 
 def test_ctrl_c_at_the_chat_prompt(chat_run, monkeypatch, capsys):
