@@ -197,8 +197,8 @@ class ClassificationSource:
         self.batch_size = min(batch_size, len(self.rows))
         self.per_token = isinstance(self.rows[0][1], list)
         # A sequence classifier finds each row's last token as the last one that is not pad_id.
-        holding = next((i for i, (ids, _) in enumerate(self.rows) if pad_id in ids), None)
-        if not self.per_token and holding is not None:
+        holding = None if self.per_token else next((i for i, (ids, _) in enumerate(self.rows) if pad_id in ids), None)
+        if holding is not None:
             raise ValueError(f"row {holding} holds the pad id {pad_id}, which the classifier would take for padding: "
                              "pad with an id no text uses (classify pads with the end-of-text token)")
         self.reset()

@@ -158,10 +158,9 @@ class GPTConfig:
     def from_hf_config(cls, hf_config: Any, **overrides: Any) -> GPTConfig:
         """Translate a ``transformers.GPT2Config``, refusing the options of that class this model does
         not have (it would load the weights and compute something else)."""
-        differs = {name: getattr(hf_config, name, want) for name, want in (
+        differs = {name: value for name, want in (
             ("activation_function", "gelu_new"), ("layer_norm_epsilon", 1e-5), ("scale_attn_weights", True),
-            ("scale_attn_by_inverse_layer_idx", False))
-            if getattr(hf_config, name, want) != want}
+            ("scale_attn_by_inverse_layer_idx", False)) if (value := getattr(hf_config, name, want)) != want}
         if differs:
             raise ValueError(f"this GPT-2 config sets {differs}, which minigpt's GPT does not implement (it has "
                              "tanh GELU, LayerNorm eps 1e-5 and 1/sqrt(head size) attention scaling)")

@@ -543,11 +543,8 @@ class BPETokenizer:
             raise self._unknown_id(ids) from None
 
     def _unknown_id(self, ids: Sequence[int]) -> ValueError:
-        bad = next(i for i in ids if not self._is_id(i))
+        bad = next(i for i in ids if not _known(i, self._vocab))
         return ValueError(f"unknown token id {bad} (vocab_size is {self.vocab_size})")
-
-    def _is_id(self, i: object) -> bool:
-        return _known(i, self._vocab)
 
     def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> str:
         """Ids -> text. A cut through a multi-byte character shows as U+FFFD, never an error."""
@@ -592,9 +589,10 @@ class BPETokenizer:
             specials = {}
             for _ in range(int(field("specials"))):
                 s, _, i = next(rest).rpartition(" ")
-                if json.loads(s) in specials:
-                    raise ValueError(f"special token {json.loads(s)!r} is listed twice")
-                specials[json.loads(s)] = int(i)
+                special = json.loads(s)
+                if special in specials:
+                    raise ValueError(f"special token {special!r} is listed twice")
+                specials[special] = int(i)
             if next(rest) != "end" or any(rest):
                 raise ValueError("missing 'end' line or data after it")
             if sorted(byte_order) != list(range(256)) or any(len(m) != 2 for m in merges):
